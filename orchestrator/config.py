@@ -1,0 +1,341 @@
+"""agents.yaml: providers, models, per-stage routing and budget, validated once at the edge."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from orchestrator import catalog
+from orchestrator.errors import ConfigError
+
+SCRIPTED_PREFIX = "scripted/"
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Window(_Strict):
+    """A request quota per rolling window (coding plans)."""
+
+    requests: int = Field(gt=0, description="requests allowed per window")
+    hours: float = Field(gt=0, description="window length in hours")
+
+
+class Provider(_Strict):
+    api: Literal["openai", "anthropic"] = "openai"
+    """Wire protocol of the endpoint."""
+    base_url: str | None = None
+    """Endpoint base URL; omit for the vendor's default."""
+    api_key: str | None = None
+    """An environment variable's name (UPPER_CASE); anything else is taken literally."""
+    max_concurrency: int = Field(default=4, ge=1)
+    """In-flight requests, shared by every run in the process."""
+    window: Window | None = None
+    timeout_s: float = Field(default=600.0, gt=0)
+    """Per-request timeout in seconds."""
+    retries: int = Field(default=3, ge=0)
+    """Retries for rate limits and server errors."""
+
+
+class Price(_Strict):
+    """USD per million tokens; 0 is an explicit price (flat-rate plans)."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cached_input: float | None = Field(default=None, ge=0)
+
+
+class ModelConfig(_Strict):
+    id: str
+    """The provider's model name, or a litellm model string when no provider is given."""
+    provider: str | None = None
+    family: str | None = None
+    """Reviewers never review their own family (default: provider, else litellm's vendor)."""
+    price: Price | None = None
+    max_output_tokens: int = Field(default=8192, ge=1)
+    context_window: int | None = Field(default=None, ge=1)
+    script: str | None = None
+    """For `scripted/…` ids: a YAML script path or `module:function` (relative to agents.yaml)."""
+
+
+class ModelRef(_Strict):
+    model: str
+
+
+class BuilderRef(_Strict):
+    model: str
+    count: int = Field(default=1, ge=1, le=32)
+
+
+class Stages(_Strict):
+    planner: ModelRef
+    builders: list[BuilderRef] = Field(min_length=1)
+    reviewers: list[ModelRef] = Field(default_factory=list)
+
+
+class Budget(_Strict):
+    per_run_usd: float | None = Field(default=None, ge=0)
+    per_call_usd: float | None = Field(default=None, ge=0)
+
+
+class BuilderSettings(_Strict):
+    max_turns: int = Field(default=40, ge=1)
+    command_timeout_s: float = Field(default=300.0, gt=0)
+    output_cap_bytes: int = Field(default=16_000, ge=256)
+
+
+class CheckSettings(_Strict):
+    timeout_s: float = Field(default=900.0, gt=0)
+    output_cap_bytes: int = Field(default=32_000, ge=256)
+
+
+class Config(_Strict):
+    providers: dict[str, Provider] = Field(default_factory=dict)
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    stages: Stages
+    budget: Budget = Field(default_factory=Budget)
+    builder: BuilderSettings = Field(default_factory=BuilderSettings)
+    checks: CheckSettings = Field(default_factory=CheckSettings)
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        for name, model in self.models.items():
+            if model.provider is not None and model.provider not in self.providers:
+                raise ValueError(f"models.{name}.provider: unknown provider {model.provider!r}")
+            if model.id.startswith(SCRIPTED_PREFIX) and not model.script:
+                raise ValueError(f"models.{name}.script: a scripted model needs a script")
+        refs = [("stages.planner", self.stages.planner.model)]
+        refs += [(f"stages.builders.{i}", b.model) for i, b in enumerate(self.stages.builders)]
+        refs += [(f"stages.reviewers.{i}", r.model) for i, r in enumerate(self.stages.reviewers)]
+        for where, ref in refs:
+            if ref not in self.models and "/" not in ref:
+                raise ValueError(f"{where}.model: unknown model {ref!r} (define it under models:)")
+        return self
+
+
+class ResolvedModel(BaseModel):
+    """Everything the model door needs to call one configured model."""
+
+    name: str
+    litellm_model: str
+    provider: str | None
+    api: Literal["openai", "anthropic", "litellm", "scripted"]
+    base_url: str | None
+    api_key_ref: str | None
+    family: str
+    input_per_token: float
+    output_per_token: float
+    cached_per_token: float
+    price_source: Literal["config", "litellm", "scripted"]
+    max_output_tokens: int
+    context_window: int | None
+    script: Path | str | None = None
+
+    @property
+    def scripted(self) -> bool:
+        return self.api == "scripted"
+
+
+class LoadedConfig(BaseModel):
+    """A validated config and where it came from."""
+
+    config: Config
+    path: Path | None
+    models: dict[str, ResolvedModel]
+
+    def model(self, name: str) -> ResolvedModel:
+        return self.models[name]
+
+    def builder_slots(self, override: int | None = None) -> list[str]:
+        """Model name per builder slot, in config order; an override trims or cycles the list."""
+        slots = [b.model for b in self.config.stages.builders for _ in range(b.count)]
+        if override is None or override == len(slots):
+            return slots
+        return [slots[i % len(slots)] for i in range(override)]
+
+    def reviewers_for(self, builder_model: str) -> list[str]:
+        family = self.models[builder_model].family
+        names = [r.model for r in self.config.stages.reviewers]
+        return [n for n in names if self.models[n].family != family]
+
+
+def _per_token(per_million: float) -> float:
+    return per_million / 1_000_000
+
+
+def _resolve(name: str, model: ModelConfig, config: Config, base: Path | None) -> ResolvedModel:
+    provider = config.providers.get(model.provider) if model.provider else None
+    entry = catalog.lookup(model.id) if provider is None else None
+    if model.id.startswith(SCRIPTED_PREFIX):
+        api: Any = "scripted"
+        litellm_model = model.id
+        family = model.family or name
+        script: Path | str | None = model.script
+        if isinstance(script, str) and ":" not in script and base is not None:
+            script = (base / script).resolve()
+    elif provider is not None:
+        api = provider.api
+        litellm_model = f"{provider.api}/{model.id}"
+        family = model.family or str(model.provider)
+        script = None
+    else:
+        api = "litellm"
+        litellm_model = model.id
+        vendor = str(entry.get("litellm_provider", "")) if entry else ""
+        family = model.family or vendor or model.id.split("/", 1)[0]
+        script = None
+    if model.price is not None:
+        inp, out = _per_token(model.price.input), _per_token(model.price.output)
+        cached = (
+            _per_token(model.price.cached_input) if model.price.cached_input is not None else inp
+        )
+        source: Any = "config"
+    elif api == "scripted":
+        inp = out = cached = 0.0
+        source = "scripted"
+    elif entry is not None and "input_cost_per_token" in entry and "output_cost_per_token" in entry:
+        inp, out = float(entry["input_cost_per_token"]), float(entry["output_cost_per_token"])
+        cached = float(entry.get("cache_read_input_token_cost", inp))
+        source = "litellm"
+    else:
+        raise ConfigError(
+            f"models.{name}.price: no known price for {model.id!r}; "
+            "add `price: {input: …, output: …}` (USD per million tokens, 0 for flat-rate plans)"
+        )
+    limit = model.max_output_tokens
+    if entry and "max_output_tokens" in entry and "max_output_tokens" not in model.model_fields_set:
+        limit = int(entry["max_output_tokens"])
+    window = model.context_window or (
+        int(entry["max_input_tokens"]) if entry and entry.get("max_input_tokens") else None
+    )
+    return ResolvedModel(
+        name=name,
+        litellm_model=litellm_model,
+        provider=model.provider,
+        api=api,
+        base_url=provider.base_url if provider else None,
+        api_key_ref=provider.api_key if provider else None,
+        family=family,
+        input_per_token=inp,
+        output_per_token=out,
+        cached_per_token=cached,
+        price_source=source,
+        max_output_tokens=limit,
+        context_window=window,
+        script=script,
+    )
+
+
+def _check_reviewers(loaded: LoadedConfig) -> None:
+    stages = loaded.config.stages
+    if not stages.reviewers:
+        return
+    for i, b in enumerate(stages.builders):
+        if not loaded.reviewers_for(b.model):
+            fam = loaded.models[b.model].family
+            raise ConfigError(
+                f"stages.builders.{i}: builder {b.model!r} (family {fam!r}) has no reviewer of "
+                "another family; add a reviewer from a different vendor or set `family:`"
+            )
+
+
+def _implicit_models(config: Config) -> None:
+    """Stage references that are litellm model strings become models named after themselves."""
+    refs = [config.stages.planner.model]
+    refs += [b.model for b in config.stages.builders] + [r.model for r in config.stages.reviewers]
+    for ref in refs:
+        if ref not in config.models:
+            config.models[ref] = ModelConfig(id=ref)
+
+
+def format_validation_error(source: str, err: ValidationError) -> str:
+    """One line per problem: file, dotted key path, what was expected."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see agents.yaml in the README)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines[:5])
+
+
+def parse_config(data: Any, source: str = "agents.yaml", base: Path | None = None) -> LoadedConfig:
+    """Validate a parsed agents.yaml document."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with providers/models/stages at the top")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(source, err)) from None
+    _implicit_models(config)
+    try:
+        models = {n: _resolve(n, m, config, base) for n, m in config.models.items()}
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    loaded = LoadedConfig(config=config, path=Path(source) if base else None, models=models)
+    try:
+        _check_reviewers(loaded)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return loaded
+
+
+def load_config(path: Path) -> LoadedConfig:
+    """Read and validate an agents.yaml file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found; pass --config FILE or create agents.yaml") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(
+            f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})"
+        ) from None
+    loaded = parse_config(data, str(path), path.parent.resolve())
+    loaded.path = path
+    return loaded
+
+
+def resolve_api_key(model: ResolvedModel, environ: dict[str, str] | None = None) -> str | None:
+    """The key for a model's provider; a missing environment variable is a ConfigError naming it."""
+    ref = model.api_key_ref
+    if ref is None:
+        return None
+    env = os.environ if environ is None else environ
+    if _ENV_NAME.match(ref):
+        value = env.get(ref)
+        if not value:
+            raise ConfigError(
+                f"providers.{model.provider}.api_key: environment variable {ref} is not set; "
+                f"export {ref}=… before running flow"
+            )
+        return value
+    return ref
+
+
+def secret_values(loaded: LoadedConfig, environ: dict[str, str] | None = None) -> list[str]:
+    """Every key value this config could send, for redaction."""
+    out = []
+    for m in loaded.models.values():
+        try:
+            key = resolve_api_key(m, environ)
+        except ConfigError:
+            continue
+        if key and len(key) >= 6:
+            out.append(key)
+    return sorted(set(out))

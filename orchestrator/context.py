@@ -1,0 +1,32 @@
+"""What every node receives through LangGraph's Runtime: injected, never global."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.config import LoadedConfig
+from orchestrator.protocols import EventSink, ModelDoor
+from orchestrator.redact import Redactor
+from orchestrator.spec import Spec
+from orchestrator.workspace import Repo
+
+
+@dataclass
+class Context:
+    run_id: str
+    repo: Repo
+    spec: Spec
+    config: LoadedConfig
+    door: ModelDoor
+    events: EventSink
+    run_dir: Path
+    worktrees: Path
+    spent: Callable[[], float]
+    """Money spent by this run so far (from the ledger)."""
+    redact: Redactor = field(default_factory=Redactor)
+    builders: int | None = None
+    keep_worktrees: bool = False
+    dirty_note: str | None = None
+    """Set when the user's working tree had uncommitted changes, which are not included."""

@@ -1,0 +1,86 @@
+"""Typed progress events: lower layers emit them, the CLI renders them (rich or JSON lines)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+
+class Event(BaseModel):
+    kind: str
+    run_id: str = ""
+
+
+class RunStarted(Event):
+    kind: Literal["run_started"] = "run_started"
+    title: str
+    repo: str
+    base: str
+    branch: str
+    builders: list[str]
+    reviewers: list[str]
+
+
+class StageStarted(Event):
+    kind: Literal["stage"] = "stage"
+    stage: str
+
+
+class BuilderUpdate(Event):
+    kind: Literal["builder"] = "builder"
+    index: int
+    model: str
+    status: Literal["running", "ok", "empty", "failed"]
+    turns: int = 0
+    tokens: int = 0
+    cost_usd: float = 0.0
+    action: str = ""
+
+
+class CheckDone(Event):
+    kind: Literal["check"] = "check"
+    candidate: int
+    passed: bool
+    summary: str
+
+
+class ReviewDone(Event):
+    kind: Literal["review"] = "review"
+    candidate: int
+    reviewer: str
+    score: float
+    verdict: str
+    error: str | None = None
+
+
+class ModelCall(Event):
+    kind: Literal["model_call"] = "model_call"
+    stage: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    outcome: str
+
+
+class Notice(Event):
+    kind: Literal["notice"] = "notice"
+    level: Literal["info", "warning", "error"] = "info"
+    message: str
+
+
+class Selected(Event):
+    kind: Literal["selected"] = "selected"
+    winner: int | None
+    explanation: list[str]
+
+
+class RunFinished(Event):
+    kind: Literal["run_finished"] = "run_finished"
+    outcome: Literal["applied", "nothing", "failed"]
+    branch: str | None = None
+    commit: str | None = None
+    cost_usd: float = 0.0
+    report: str = ""
+    exit_code: int = 0

@@ -1,0 +1,55 @@
+"""build_graph(): wiring only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langgraph.graph import END, START, StateGraph
+from langgraph.runtime import Runtime
+
+from orchestrator.context import Context
+from orchestrator.events import StageStarted
+from orchestrator.nodes.apply import apply
+from orchestrator.nodes.build import build
+from orchestrator.nodes.check import check
+from orchestrator.nodes.plan import plan
+from orchestrator.nodes.report import report
+from orchestrator.nodes.review import review
+from orchestrator.nodes.select import select
+from orchestrator.routing import route_builders, route_checks, route_reviews
+from orchestrator.state import RunState
+
+
+async def collect_builds(state: RunState, runtime: Runtime[Context]) -> dict[str, object]:
+    runtime.context.events.emit(StageStarted(run_id=runtime.context.run_id, stage="check"))
+    return {}
+
+
+async def collect_checks(state: RunState, runtime: Runtime[Context]) -> dict[str, object]:
+    runtime.context.events.emit(StageStarted(run_id=runtime.context.run_id, stage="review"))
+    return {}
+
+
+def build_graph() -> StateGraph[Any, Any, Any, Any]:
+    g: StateGraph[Any, Any, Any, Any] = StateGraph(RunState, context_schema=Context)
+    g.add_node("plan", plan)
+    g.add_node("build", build)  # type: ignore[arg-type]  # input is a Send payload
+    g.add_node("collect_builds", collect_builds)
+    g.add_node("check", check)  # type: ignore[arg-type]  # input is a Send payload
+    g.add_node("collect_checks", collect_checks)
+    g.add_node("review", review)  # type: ignore[arg-type]  # input is a Send payload
+    g.add_node("select", select)
+    g.add_node("apply", apply)
+    g.add_node("report", report)
+
+    g.add_edge(START, "plan")
+    g.add_conditional_edges("plan", route_builders, ["build"])
+    g.add_edge("build", "collect_builds")
+    g.add_conditional_edges("collect_builds", route_checks, ["check", "select"])
+    g.add_edge("check", "collect_checks")
+    g.add_conditional_edges("collect_checks", route_reviews, ["review", "select"])
+    g.add_edge("review", "select")
+    g.add_edge("select", "apply")
+    g.add_edge("apply", "report")
+    g.add_edge("report", END)
+    return g

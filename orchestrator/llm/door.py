@@ -1,0 +1,347 @@
+"""The one door to the models: budget reservation, per-provider limits, retries, cost, ledger.
+
+litellm is imported on the first real call (see `wire.acompletion`), never at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import re
+from collections.abc import Mapping
+from urllib.parse import urlparse
+
+from orchestrator.budget import Budget
+from orchestrator.config import (
+    LoadedConfig,
+    Provider,
+    ResolvedModel,
+    resolve_api_key,
+    secret_values,
+)
+from orchestrator.errors import ConfigError, ProviderError
+from orchestrator.events import ModelCall, Notice
+from orchestrator.ledger import Ledger
+from orchestrator.llm import wire
+from orchestrator.llm.limits import Limiter
+from orchestrator.llm.messages import Completion, Message, ToolSpec, Usage
+from orchestrator.llm.scripted import ScriptedModel
+from orchestrator.protocols import EventSink, NullSink
+from orchestrator.redact import Redactor
+
+ALLOW_ENV = "FLOW_ALLOW_MODEL_REQUESTS"
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")  # as in config.resolve_api_key
+
+
+def request_key(
+    run_id: str,
+    stage: str,
+    model: str,
+    messages: list[Message],
+    tools: list[ToolSpec] | None,
+    tool_choice: str | None,
+) -> str:
+    """A stable identity for one request, so a resumed run can find the reply it paid for."""
+    payload = json.dumps(
+        {
+            "messages": [m.model_dump(mode="json") for m in messages],
+            "tools": [t.model_dump(mode="json") for t in tools or []],
+            "tool_choice": tool_choice,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256("\0".join((run_id, stage, model, payload)).encode()).hexdigest()
+
+
+def cost_of(rm: ResolvedModel, usage: Usage) -> float:
+    """USD from our own prices: cached prompt tokens at the cache-read price."""
+    cached = min(usage.cached_tokens, usage.prompt_tokens)
+    return (
+        (usage.prompt_tokens - cached) * rm.input_per_token
+        + cached * rm.cached_per_token
+        + usage.completion_tokens * rm.output_per_token
+    )
+
+
+class Door:
+    """Implements `ModelDoor` for every model of a loaded config.
+
+    `stage` and `scope` are part of the response-cache key: parallel agents that may send
+    identical conversations to one model pass distinct scopes (e.g. "build-1", "build-2").
+    """
+
+    backoff_base_s = 1.0
+    backoff_cap_s = 30.0
+
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        *,
+        run_id: str,
+        spec: str = "",
+        ledger: Ledger | None = None,
+        budget: Budget | None = None,
+        events: EventSink | None = None,
+        limiter: Limiter | None = None,
+        environ: Mapping[str, str] | None = None,
+    ):
+        self.loaded = loaded
+        self.run_id = run_id
+        self.spec = spec
+        self.ledger = ledger
+        self.budget = budget
+        self.events: EventSink = events or NullSink()
+        self.limiter = limiter or Limiter(loaded.config.providers)
+        self._environ = environ
+        self._scripted: dict[str, ScriptedModel] = {}
+        self._redactor: Redactor | None = None
+        self._seen: dict[str, int] = {}
+
+    async def complete(
+        self,
+        model: str,
+        messages: list[Message],
+        *,
+        stage: str,
+        tools: list[ToolSpec] | None = None,
+        tool_choice: str | None = None,
+        scope: str = "",
+    ) -> Completion:
+        rm = self._resolve(model)
+        key = None if rm.scripted else resolve_api_key(rm, self._env_dict())
+        self._check_allowed(rm)
+        rkey = self._occurrence(
+            request_key(self.run_id, f"{stage}/{scope}", rm.name, messages, tools, tool_choice)
+        )
+        if self.ledger is not None:
+            stored = self.ledger.cached(rkey)
+            if stored is not None:
+                self._log(rm, stage, "replayed", Usage(), 0.0, rkey)
+                return stored.model_copy(update={"cost_usd": 0.0})
+        worst = (
+            wire.estimate_tokens(messages, tools) * rm.input_per_token
+            + rm.max_output_tokens * rm.output_per_token
+        )
+        reservation = self.budget.reserve(worst) if self.budget is not None else None
+        billed = 0.0
+        try:
+            completion = await self._attempts(rm, key, messages, stage, tools, tool_choice, rkey)
+            billed = completion.cost_usd
+            return completion
+        finally:
+            if reservation is not None:
+                reservation.settle(billed)
+
+    async def _attempts(
+        self,
+        rm: ResolvedModel,
+        key: str | None,
+        messages: list[Message],
+        stage: str,
+        tools: list[ToolSpec] | None,
+        tool_choice: str | None,
+        rkey: str,
+    ) -> Completion:
+        """Call until success, a failure a retry cannot fix, or the provider's retries run out."""
+        provider = self._provider(rm)
+        attempt = 0
+        while True:
+            try:
+                message, usage = await self._call_once(
+                    rm, provider, key, messages, tools, tool_choice
+                )
+            except asyncio.CancelledError:
+                self._log(rm, stage, "cancelled", Usage(), 0.0, rkey, "cancelled")
+                raise
+            except Exception as exc:
+                failure = None if rm.scripted else wire.classify(exc)
+                if failure is None:
+                    raise
+                retry = failure.retryable and attempt < provider.retries
+                error = self._redact(failure.message)[:500]
+                self._log(rm, stage, "retry" if retry else "error", Usage(), 0.0, rkey, error)
+                if not retry:
+                    raise self._provider_error(rm, failure) from None
+                delay = self._delay(failure, attempt)
+                self.events.emit(
+                    Notice(
+                        run_id=self.run_id,
+                        level="warning",
+                        message=f"{rm.name}: HTTP {failure.status or 'error'}; "
+                        f"retry {attempt + 1}/{provider.retries} in {delay:.1f}s",
+                    )
+                )
+                await asyncio.sleep(delay)
+                attempt += 1
+                continue
+            cost = cost_of(rm, usage)
+            completion = Completion(message=message, usage=usage, cost_usd=cost, model=rm.name)
+            self._log(rm, stage, "ok", usage, cost, rkey, response=completion)
+            return completion
+
+    async def _call_once(
+        self,
+        rm: ResolvedModel,
+        provider: Provider,
+        key: str | None,
+        messages: list[Message],
+        tools: list[ToolSpec] | None,
+        tool_choice: str | None,
+    ) -> tuple[Message, Usage]:
+        if rm.scripted:
+            return self._script(rm).reply(messages, tools, tool_choice)
+        kwargs: dict[str, object] = {
+            "model": rm.litellm_model,
+            "messages": wire.messages_to_wire(messages),
+            "max_tokens": rm.max_output_tokens,
+            "timeout": provider.timeout_s,
+            "num_retries": 0,  # retries happen here, where the budget and ledger can see them
+            "drop_params": True,
+        }
+        if tools:
+            kwargs["tools"] = wire.tools_to_wire(tools)
+            if tool_choice is not None:
+                kwargs["tool_choice"] = wire.tool_choice_to_wire(tool_choice)
+        if rm.api != "litellm":
+            if rm.base_url:
+                kwargs["api_base"] = rm.base_url
+            if key is None and rm.api == "openai":
+                key = "sk-none"  # local OpenAI-compatible servers want some key
+        if key is not None:
+            kwargs["api_key"] = key
+        async with self.limiter.slot(self._limit_name(rm)):
+            response = await wire.acompletion(**kwargs)
+        return wire.response_from_wire(response)
+
+    def _delay(self, failure: wire.Failure, attempt: int) -> float:
+        if failure.retry_after is not None:
+            return failure.retry_after
+        ceiling = min(self.backoff_cap_s, self.backoff_base_s * 2.0**attempt)
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    def _provider_error(self, rm: ResolvedModel, failure: wire.Failure) -> ProviderError:
+        status = failure.status
+        if failure.auth:
+            ref = rm.api_key_ref
+            if ref is None:
+                where = "the vendor's API key environment variable (read by litellm)"
+            elif _ENV_NAME.match(ref):
+                where = f"the environment variable {ref}"
+            else:
+                where = f"providers.{rm.provider}.api_key"
+            return ProviderError(
+                f"{rm.name}: the provider refused the API key (HTTP {status}); check {where}",
+                retryable=False,
+                status=status,
+            )
+        detail = self._redact(failure.message)[:300]
+        return ProviderError(
+            f"{rm.name}: provider call failed (HTTP {status or '-'}): {detail}",
+            retryable=failure.retryable,
+            status=status,
+        )
+
+    def _log(
+        self,
+        rm: ResolvedModel,
+        stage: str,
+        outcome: str,
+        usage: Usage,
+        cost: float,
+        rkey: str,
+        error: str | None = None,
+        response: Completion | None = None,
+    ) -> None:
+        if self.ledger is not None:
+            self.ledger.record(
+                run_id=self.run_id,
+                spec=self.spec,
+                stage=stage,
+                model=rm.name,
+                provider=self._provider_label(rm),
+                usage=usage,
+                cost_usd=cost,
+                outcome=outcome,
+                error=error,
+                request_key=rkey,
+                response=response,
+            )
+        self.events.emit(
+            ModelCall(
+                run_id=self.run_id,
+                stage=stage,
+                model=rm.name,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cost_usd=cost,
+                outcome=outcome,
+            )
+        )
+
+    def _resolve(self, name: str) -> ResolvedModel:
+        rm = self.loaded.models.get(name)
+        if rm is None:
+            known = ", ".join(sorted(self.loaded.models))
+            raise ConfigError(f"unknown model {name!r}; known: {known}")
+        return rm
+
+    def _script(self, rm: ResolvedModel) -> ScriptedModel:
+        model = self._scripted.get(rm.name)
+        if model is None:
+            if rm.script is None:
+                raise ConfigError(f"models.{rm.name}.script: a scripted model needs a script")
+            model = self._scripted[rm.name] = ScriptedModel(rm.name, rm.script)
+        return model
+
+    def _provider(self, rm: ResolvedModel) -> Provider:
+        found = self.loaded.config.providers.get(rm.provider) if rm.provider else None
+        return found or Provider()
+
+    @staticmethod
+    def _limit_name(rm: ResolvedModel) -> str | None:
+        if rm.scripted:
+            return None
+        return rm.provider or f"litellm:{rm.litellm_model.split('/', 1)[0]}"
+
+    @staticmethod
+    def _provider_label(rm: ResolvedModel) -> str:
+        if rm.scripted:
+            return "scripted"
+        return rm.provider or rm.litellm_model.split("/", 1)[0]
+
+    def _env_dict(self) -> dict[str, str] | None:
+        return None if self._environ is None else dict(self._environ)
+
+    def _check_allowed(self, rm: ResolvedModel) -> None:
+        """Tests block real model calls (FLOW_ALLOW_MODEL_REQUESTS=0); local servers stay open."""
+        env = os.environ if self._environ is None else self._environ
+        if rm.scripted or env.get(ALLOW_ENV, "1") != "0":
+            return
+        host = urlparse(rm.base_url or "").hostname
+        if host not in _LOOPBACK:
+            raise ProviderError(f"{rm.name}: real model requests are disabled ({ALLOW_ENV}=0)")
+
+    def _occurrence(self, key: str) -> str:
+        """The n-th identical request of this run gets its own key (`key#n`).
+
+        Parallel builders of one model start from the same conversation, and a re-asked
+        request (after an unusable reply) must reach the model again: neither may be answered
+        with another call's stored reply. A resumed run asks in the same way and replays each.
+        """
+        n = self._seen.get(key, 0)
+        self._seen[key] = n + 1
+        return key if n == 0 else f"{key}#{n}"
+
+    def _redact(self, text: str) -> str:
+        if self._redactor is None:
+            env = os.environ if self._environ is None else self._environ
+            # litellm-routed models read vendor keys from the environment itself.
+            vendor = [v for k, v in env.items() if k.endswith("_KEY")]
+            self._redactor = Redactor(secret_values(self.loaded, self._env_dict()) + vendor)
+        return self._redactor(text)

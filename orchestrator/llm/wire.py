@@ -1,0 +1,287 @@
+"""Typed messages ⇄ OpenAI-shaped dicts, the lazy litellm call, and provider error triage."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.llm.messages import Message, ToolCall, ToolSpec, Usage
+
+TOOL_CHOICE_KEYWORDS = ("auto", "required", "none")
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+AUTH_STATUSES = frozenset({401, 403})
+RETRY_AFTER_CAP_S = 120.0
+
+
+def message_to_wire(message: Message) -> dict[str, Any]:
+    """One message as the OpenAI chat format; assistant reasoning travels back verbatim."""
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.role == "tool":
+        out["tool_call_id"] = message.tool_call_id
+        out["content"] = message.content or ""
+        return out
+    if message.role != "assistant":
+        out["content"] = message.content or ""
+        if message.name:
+            out["name"] = message.name
+        return out
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in message.tool_calls
+        ]
+    # DeepSeek, Kimi and MiniMax answer 400 when a tool-calling turn's reasoning is dropped;
+    # Anthropic wants its signed thinking blocks back unchanged.
+    if message.reasoning_content is not None:
+        out["reasoning_content"] = message.reasoning_content
+    for key, value in message.provider_fields.items():
+        out.setdefault(key, value)
+    return out
+
+
+def messages_to_wire(messages: list[Message]) -> list[dict[str, Any]]:
+    return [message_to_wire(m) for m in messages]
+
+
+def _text(content: Any) -> str | None:
+    """Content as text: a string, or the text parts of a content list."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [p.get("text", "") for p in content if isinstance(p, dict)]
+        return "".join(str(p) for p in parts)
+    return str(content)
+
+
+def message_from_wire(data: dict[str, Any]) -> Message:
+    """An OpenAI-format message dict (request or response side) as a typed Message."""
+    calls = []
+    for i, raw in enumerate(data.get("tool_calls") or []):
+        fn = raw.get("function") or {}
+        args = fn.get("arguments")
+        if not isinstance(args, str):
+            args = json.dumps(args if args is not None else {})
+        calls.append(
+            ToolCall(
+                id=str(raw.get("id") or f"call_{i}"), name=str(fn.get("name", "")), arguments=args
+            )
+        )
+    extra: dict[str, Any] = {}
+    if data.get("role") == "assistant" and data.get("thinking_blocks"):
+        extra["thinking_blocks"] = data["thinking_blocks"]
+    return Message(
+        role=data.get("role", "assistant"),
+        content=_text(data.get("content")),
+        tool_calls=calls,
+        tool_call_id=data.get("tool_call_id"),
+        name=data.get("name"),
+        reasoning_content=data.get("reasoning_content") or None,
+        provider_fields=extra,
+    )
+
+
+def tools_to_wire(tools: list[ToolSpec] | None) -> list[dict[str, Any]] | None:
+    if not tools:
+        return None
+    return [
+        {
+            "type": "function",
+            "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+        }
+        for t in tools
+    ]
+
+
+def tools_from_wire(tools: list[dict[str, Any]] | None) -> list[ToolSpec]:
+    out = []
+    for t in tools or []:
+        fn = t.get("function") or {}
+        out.append(
+            ToolSpec(
+                name=fn.get("name", ""),
+                description=fn.get("description", ""),
+                parameters=fn.get("parameters") or {},
+            )
+        )
+    return out
+
+
+def tool_choice_to_wire(choice: str | None) -> str | dict[str, Any] | None:
+    """A tool's name forces that tool; the OpenAI keywords pass through."""
+    if choice is None or choice in TOOL_CHOICE_KEYWORDS:
+        return choice
+    return {"type": "function", "function": {"name": choice}}
+
+
+def tool_choice_from_wire(choice: Any) -> str | None:
+    if choice is None or isinstance(choice, str):
+        return choice
+    if isinstance(choice, dict):
+        return str((choice.get("function") or {}).get("name") or choice.get("type"))
+    return str(choice)
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if obj is None:
+        return {}
+    if isinstance(obj, dict):
+        return obj
+    dump = getattr(obj, "model_dump", None)
+    if callable(dump):
+        value = dump()
+        if isinstance(value, dict):
+            return value
+    return dict(getattr(obj, "__dict__", {}))
+
+
+def usage_from_wire(usage: Any) -> Usage:
+    data = _as_dict(usage)
+    details = _as_dict(data.get("prompt_tokens_details"))
+    return Usage(
+        prompt_tokens=int(data.get("prompt_tokens") or 0),
+        cached_tokens=int(details.get("cached_tokens") or 0),
+        completion_tokens=int(data.get("completion_tokens") or 0),
+    )
+
+
+class MalformedResponse(ValueError):
+    """The provider answered 200 with something that is not a chat completion."""
+
+
+def response_from_wire(response: Any) -> tuple[Message, Usage]:
+    """A litellm ModelResponse (or an OpenAI response dict) as a Message and its Usage."""
+    data = _as_dict(response)
+    choices = data.get("choices") or []
+    if not choices:
+        raise MalformedResponse("the provider's response has no choices")
+    try:
+        message = message_from_wire(_as_dict(_as_dict(choices[0]).get("message")))
+        usage = usage_from_wire(data.get("usage"))
+    except (TypeError, ValueError) as err:
+        raise MalformedResponse(f"the provider's response is malformed: {err}") from err
+    message.role = "assistant"
+    return message, usage
+
+
+def estimate_tokens(messages: list[Message], tools: list[ToolSpec] | None) -> int:
+    """A cheap offline upper-ish estimate: characters / 3.5, rounded up."""
+    chars = 0
+    for m in messages:
+        chars += len(m.content or "") + len(m.reasoning_content or "")
+        chars += sum(len(c.name) + len(c.arguments) for c in m.tool_calls)
+    if tools:
+        chars += len(json.dumps([t.model_dump() for t in tools]))
+    return math.ceil(chars / 3.5)
+
+
+def _load_litellm() -> Any:
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
+    import litellm
+
+    litellm.suppress_debug_info = True
+    litellm.disable_hf_tokenizer_download = True
+    return litellm
+
+
+async def acompletion(**kwargs: Any) -> Any:
+    """litellm.acompletion, imported on first use (the import costs seconds)."""
+    litellm = _load_litellm()
+    return await litellm.acompletion(**kwargs)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What the door needs to know about a provider failure."""
+
+    status: int | None
+    retryable: bool
+    auth: bool
+    retry_after: float | None
+    message: str
+
+
+def _header(headers: Any, name: str) -> str | None:
+    if headers is None:
+        return None
+    try:
+        value = headers.get(name)
+    except AttributeError:
+        return None
+    return None if value is None else str(value)
+
+
+def parse_retry_after(headers: Any, now: float | None = None) -> float | None:
+    """Seconds to wait from `retry-after-ms` / `Retry-After` (seconds or HTTP date), capped."""
+    ms = _header(headers, "retry-after-ms")
+    seconds: float | None = None
+    if ms is not None:
+        try:
+            seconds = float(ms) / 1000
+        except ValueError:
+            seconds = None
+    raw = _header(headers, "retry-after")
+    if seconds is None and raw is not None:
+        try:
+            seconds = float(raw)
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(raw).timestamp()
+            except (TypeError, ValueError):
+                return None
+            seconds = when - (time.time() if now is None else now)
+    if seconds is None or math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
+
+
+def classify(exc: BaseException) -> Failure | None:
+    """Triage a failure of the provider call; None when it is not a provider failure (a bug)."""
+    import httpx
+    import openai
+
+    status = getattr(exc, "status_code", None)
+    status = status if isinstance(status, int) else None
+    message = str(getattr(exc, "message", None) or exc)
+    if isinstance(
+        exc,
+        openai.APITimeoutError
+        | openai.APIConnectionError
+        | httpx.TransportError
+        | TimeoutError
+        | asyncio.TimeoutError
+        | ConnectionError
+        | MalformedResponse,
+    ):
+        return Failure(status, True, False, None, message)
+    if not isinstance(exc, openai.APIError):
+        return None
+    if isinstance(exc, openai.RateLimitError):
+        status = 429
+    elif isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+        status = status if status in AUTH_STATUSES else 401
+    retry_after = None
+    if status == 429:
+        # litellm rebuilds `exc.response` without the provider's headers; the real ones are on
+        # `litellm_response_headers` (`exc.headers` only carries litellm-proxy hints).
+        for headers in (
+            getattr(exc, "litellm_response_headers", None),
+            getattr(getattr(exc, "response", None), "headers", None),
+            getattr(exc, "headers", None),
+        ):
+            retry_after = parse_retry_after(headers)
+            if retry_after is not None:
+                break
+    return Failure(
+        status=status,
+        retryable=status in RETRY_STATUSES,
+        auth=status in AUTH_STATUSES,
+        retry_after=retry_after,
+        message=message,
+    )

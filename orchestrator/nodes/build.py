@@ -1,0 +1,111 @@
+"""build: one builder in its own worktree; never raises, so siblings are never cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Literal
+
+from langgraph.runtime import Runtime
+
+from orchestrator.agents.builder import Builder, BuildOutcome
+from orchestrator.agents.prompts import build_request
+from orchestrator.agents.tools import Tools
+from orchestrator.context import Context
+from orchestrator.events import BuilderUpdate
+from orchestrator.state import BuildTask, Candidate
+from orchestrator.workspace import diff_stats, worktree_diff
+
+Status = Literal["running", "ok", "empty", "failed"]
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+async def build(task: BuildTask, runtime: Runtime[Context]) -> dict[str, object]:
+    ctx = runtime.context
+    model = ctx.config.model(task.model)
+    path = ctx.worktrees / f"build-{task.index}"
+
+    def update(o: BuildOutcome, status: Status, action: str = "") -> None:
+        ctx.events.emit(
+            BuilderUpdate(
+                run_id=ctx.run_id,
+                index=task.index,
+                model=task.model,
+                status=status,
+                turns=o.turns,
+                tokens=o.prompt_tokens + o.completion_tokens,
+                cost_usd=o.cost_usd,
+                action=action,
+            )
+        )
+
+    outcome = BuildOutcome()
+    update(outcome, "running", "starting")
+    error: str | None = None
+    patch = b""
+    try:
+        await asyncio.to_thread(ctx.repo.add_worktree, path, task.base_sha)
+        settings = ctx.config.config.builder
+        tools = Tools(
+            path, command_timeout_s=settings.command_timeout_s, output_cap=settings.output_cap_bytes
+        )
+        builder = Builder(
+            ctx.door,
+            task.model,
+            tools,
+            max_turns=settings.max_turns,
+            transcript=ctx.run_dir / "transcripts" / f"build-{task.index}.jsonl",
+            redact=ctx.redact,
+            progress=lambda o, action: update(o, "running", action),
+            scope=f"build-{task.index}",
+        )
+        try:
+            outcome = await builder.run(build_request(ctx.spec.body, task.plan, ctx.spec.checks))
+        except Exception as err:  # the boundary: any failure becomes this candidate's record
+            outcome = builder.outcome
+            outcome.error = ctx.redact(_short(err))
+        error = outcome.error
+        patch = await asyncio.to_thread(worktree_diff, path, task.base_sha)
+    except Exception as err:  # worktree or diff failure: record it, never cancel siblings
+        error = ctx.redact(_short(err))
+    finally:
+        if not ctx.keep_worktrees:
+            await asyncio.to_thread(ctx.repo.remove_worktree, path)
+    candidate = _candidate(ctx, task, model.family, outcome, error, patch)
+    update(outcome, candidate.status, candidate.error or candidate.summary[:60])
+    return {"candidates": [candidate]}
+
+
+def _candidate(
+    ctx: Context,
+    task: BuildTask,
+    family: str,
+    outcome: BuildOutcome,
+    error: str | None,
+    patch: bytes,
+) -> Candidate:
+    record = Candidate(
+        index=task.index,
+        model=task.model,
+        family=family,
+        status="empty",
+        error=error,
+        turns=outcome.turns,
+        prompt_tokens=outcome.prompt_tokens,
+        completion_tokens=outcome.completion_tokens,
+        cost_usd=outcome.cost_usd,
+        summary=outcome.summary,
+    )
+    if not patch:
+        return record.model_copy(update={"status": "failed" if error else "empty"})
+    name = f"candidates/build-{task.index}.patch"
+    target = ctx.run_dir / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(patch)
+    files, added, removed = diff_stats(patch)
+    return record.model_copy(
+        update={"status": "ok", "patch": name, "files": files, "added": added, "removed": removed}
+    )

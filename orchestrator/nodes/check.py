@@ -1,0 +1,70 @@
+"""check: the spec's check commands, in a fresh worktree holding exactly the candidate's diff."""
+
+from __future__ import annotations
+
+import asyncio
+
+from langgraph.runtime import Runtime
+
+from orchestrator.context import Context
+from orchestrator.events import CheckDone
+from orchestrator.proc import run_shell, sandbox_env
+from orchestrator.state import CandidateChecks, CheckResult, CheckTask
+from orchestrator.workspace import apply_patch
+
+TAIL_CHARS = 4000
+
+
+async def check(task: CheckTask, runtime: Runtime[Context]) -> dict[str, object]:
+    ctx = runtime.context
+    cand = task.candidate
+    report = CandidateChecks(candidate=cand.index)
+    if ctx.spec.checks and cand.patch:
+        report.results = await _run_checks(ctx, task)
+    summary = ", ".join(("pass" if r.passed else "fail") for r in report.results) or "no checks"
+    ctx.events.emit(
+        CheckDone(run_id=ctx.run_id, candidate=cand.index, passed=report.passed, summary=summary)
+    )
+    return {"checks": [report]}
+
+
+async def _run_checks(ctx: Context, task: CheckTask) -> list[CheckResult]:
+    assert task.candidate.patch is not None
+    path = ctx.worktrees / f"check-{task.candidate.index}"
+    settings = ctx.config.config.checks
+    results: list[CheckResult] = []
+    try:
+        await asyncio.to_thread(ctx.repo.add_worktree, path, task.base_sha)
+        patch = (ctx.run_dir / task.candidate.patch).read_bytes()
+        await asyncio.to_thread(apply_patch, path, patch)
+        for command in ctx.spec.checks:
+            out = await run_shell(
+                command,
+                path,
+                timeout_s=settings.timeout_s,
+                output_cap=settings.output_cap_bytes,
+                env=sandbox_env(),
+            )
+            results.append(
+                CheckResult(
+                    command=command,
+                    exit_code=out.exit_code,
+                    timed_out=out.timed_out,
+                    passed=out.exit_code == 0 and not out.timed_out,
+                    duration_s=out.duration_s,
+                    output_tail=ctx.redact(out.output[-TAIL_CHARS:]),
+                )
+            )
+    except Exception as err:  # a check that cannot even start is a failed check, not a crash
+        results.append(
+            CheckResult(
+                command="(setting up the check worktree)",
+                exit_code=None,
+                passed=False,
+                output_tail=ctx.redact(str(err))[:TAIL_CHARS],
+            )
+        )
+    finally:
+        if not ctx.keep_worktrees:
+            await asyncio.to_thread(ctx.repo.remove_worktree, path)
+    return results

@@ -1,0 +1,59 @@
+"""plan: the planner model turns the spec and a repository overview into a Plan."""
+
+from __future__ import annotations
+
+from langgraph.runtime import Runtime
+from pydantic import ValidationError
+
+from orchestrator.agents.prompts import PLANNER_SYSTEM, SUBMIT_PLAN, plan_request
+from orchestrator.context import Context
+from orchestrator.errors import BudgetExceeded, ProviderError
+from orchestrator.events import Notice, StageStarted
+from orchestrator.llm.messages import Message
+from orchestrator.spec import Spec
+from orchestrator.state import Plan, RunState
+
+MAX_OVERVIEW_FILES = 300
+
+
+def overview(ctx: Context, base_sha: str) -> str:
+    """A compact view of the repository at the base commit: its file list, capped."""
+    names = ctx.repo.git("ls-tree", "-r", "--name-only", base_sha).splitlines()
+    shown = names[:MAX_OVERVIEW_FILES]
+    more = f"\n[… {len(names) - len(shown)} more files]" if len(names) > len(shown) else ""
+    return "Files:\n" + "\n".join(shown) + more
+
+
+def fallback_plan(spec: Spec, reason: str) -> Plan:
+    """A plan derived from the spec alone, when the planner cannot answer."""
+    steps = [f"Implement requirement: {r.name}" for r in spec.requirements] or [spec.title]
+    return Plan(summary=f"{spec.title} (planner unavailable: {reason})", steps=steps)
+
+
+async def plan(state: RunState, runtime: Runtime[Context]) -> dict[str, object]:
+    ctx = runtime.context
+    ctx.events.emit(StageStarted(run_id=ctx.run_id, stage="plan"))
+    planner = ctx.config.config.stages.planner.model
+    messages = [
+        Message.system(PLANNER_SYSTEM),
+        Message.user(plan_request(ctx.spec.body, overview(ctx, state["base_sha"]))),
+    ]
+    try:
+        reply = await ctx.door.complete(
+            planner, messages, stage="plan", tools=[SUBMIT_PLAN], tool_choice=SUBMIT_PLAN.name
+        )
+        calls = [c for c in reply.message.tool_calls if c.name == SUBMIT_PLAN.name]
+        if not calls:
+            raise ValueError("the planner did not call submit_plan")
+        result = Plan.model_validate(calls[0].parsed())
+        return {"plan": result}
+    except (BudgetExceeded, ProviderError, ValueError, ValidationError) as err:
+        reason = ctx.redact(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        ctx.events.emit(
+            Notice(
+                run_id=ctx.run_id,
+                level="warning",
+                message=f"planner failed, using the spec as the plan: {reason}",
+            )
+        )
+        return {"plan": fallback_plan(ctx.spec, reason), "notes": [f"planner: {reason}"]}

@@ -1,0 +1,49 @@
+"""report: write the run's markdown report and machine-readable summary."""
+
+from __future__ import annotations
+
+import json
+
+from langgraph.runtime import Runtime
+
+from orchestrator.context import Context
+from orchestrator.report import render_markdown
+from orchestrator.state import RunState
+
+
+def outcome_of(state: RunState) -> str:
+    return "applied" if state.get("applied") else "nothing"
+
+
+async def report(state: RunState, runtime: Runtime[Context]) -> dict[str, object]:
+    ctx = runtime.context
+    cost = ctx.spent()
+    text = render_markdown(
+        state,
+        title=ctx.spec.title,
+        spec_path=str(ctx.spec.path),
+        branch=ctx.spec.branch,
+        base=state["base_sha"],
+        cost=cost,
+        outcome=outcome_of(state),
+        dirty_note=ctx.dirty_note,
+    )
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    (ctx.run_dir / "report.md").write_text(ctx.redact(text), encoding="utf-8")
+    applied, selection = state.get("applied"), state.get("selection")
+    summary = {
+        "run_id": ctx.run_id,
+        "title": ctx.spec.title,
+        "spec": str(ctx.spec.path),
+        "outcome": outcome_of(state),
+        "cost_usd": round(cost, 6),
+        "applied": applied.model_dump() if applied else None,
+        "selection": selection.model_dump() if selection else None,
+        "candidates": [c.model_dump() for c in state.get("candidates", [])],
+        "reviews": [r.model_dump() for r in state.get("reviews", [])],
+        "notes": state.get("notes", []),
+    }
+    (ctx.run_dir / "run.json").write_text(
+        ctx.redact(json.dumps(summary, indent=2)), encoding="utf-8"
+    )
+    return {}

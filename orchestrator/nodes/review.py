@@ -1,0 +1,70 @@
+"""review: one reviewer of another model family judges one candidate, blind to its builder."""
+
+from __future__ import annotations
+
+from langgraph.runtime import Runtime
+from pydantic import BaseModel, Field, ValidationError
+
+from orchestrator.agents.prompts import REVIEWER_SYSTEM, SUBMIT_REVIEW, review_request
+from orchestrator.context import Context
+from orchestrator.errors import BudgetExceeded, ProviderError
+from orchestrator.events import ReviewDone
+from orchestrator.llm.messages import Message
+from orchestrator.state import Review, ReviewTask
+
+
+class _Submitted(BaseModel):
+    score: float = Field(ge=0, le=10)
+    verdict: str
+    summary: str = ""
+    findings: list[str] = Field(default_factory=list)
+
+
+async def review(task: ReviewTask, runtime: Runtime[Context]) -> dict[str, object]:
+    ctx = runtime.context
+    cand = task.candidate
+    reviewer = ctx.config.model(task.reviewer)
+    record = Review(candidate=cand.index, reviewer=task.reviewer, family=reviewer.family)
+    assert cand.patch is not None
+    diff = (ctx.run_dir / cand.patch).read_text(encoding="utf-8", errors="replace")
+    messages = [
+        Message.system(REVIEWER_SYSTEM),
+        Message.user(review_request(ctx.spec.body, task.plan, diff, task.checks)),
+    ]
+    try:
+        reply = await ctx.door.complete(
+            task.reviewer,
+            messages,
+            stage="review",
+            tools=[SUBMIT_REVIEW],
+            tool_choice=SUBMIT_REVIEW.name,
+        )
+        record.cost_usd = reply.cost_usd
+        calls = [c for c in reply.message.tool_calls if c.name == SUBMIT_REVIEW.name]
+        if not calls:
+            raise ValueError("the reviewer did not call submit_review")
+        got = _Submitted.model_validate(calls[0].parsed())
+        if got.verdict not in ("approve", "reject"):
+            raise ValueError(f"verdict must be approve or reject, got {got.verdict!r}")
+        record = record.model_copy(
+            update={
+                "score": got.score,
+                "verdict": got.verdict,
+                "summary": ctx.redact(got.summary),
+                "findings": [ctx.redact(f) for f in got.findings],
+            }
+        )
+    except (BudgetExceeded, ProviderError, ValueError, ValidationError) as err:
+        first = str(err).strip().splitlines()
+        record.error = ctx.redact(first[0] if first else type(err).__name__)
+    ctx.events.emit(
+        ReviewDone(
+            run_id=ctx.run_id,
+            candidate=cand.index,
+            reviewer=task.reviewer,
+            score=record.score,
+            verdict=record.verdict,
+            error=record.error,
+        )
+    )
+    return {"reviews": [record]}

@@ -1,0 +1,71 @@
+"""select: a deterministic choice from the evidence, explained in words."""
+
+from __future__ import annotations
+
+from statistics import mean
+
+from langgraph.runtime import Runtime
+
+from orchestrator.context import Context
+from orchestrator.events import Selected, StageStarted
+from orchestrator.state import Candidate, CandidateChecks, Review, RunState, Selection
+
+
+def choose(
+    candidates: list[Candidate],
+    checks: list[CandidateChecks],
+    reviews: list[Review],
+    *,
+    has_checks: bool,
+) -> Selection:
+    """Checks first, then the mean review score, then the smaller diff, then builder order.
+
+    A candidate is acceptable when it has a diff, its checks pass (if the spec has any), and
+    not every completed review rejected it.
+    """
+    passed = {c.candidate: c.passed for c in checks}
+    done = [r for r in reviews if r.error is None]
+    explanation: list[str] = []
+    acceptable: list[Candidate] = []
+    for c in sorted(candidates, key=lambda c: c.index):
+        label = f"#{c.index} ({c.model})"
+        mine = [r for r in done if r.candidate == c.index]
+        if c.status != "ok":
+            explanation.append(f"{label}: no diff ({c.status}{': ' + c.error if c.error else ''})")
+        elif has_checks and not passed.get(c.index, False):
+            explanation.append(f"{label}: checks failed")
+        elif mine and all(r.verdict == "reject" for r in mine):
+            explanation.append(f"{label}: rejected by every reviewer")
+        else:
+            acceptable.append(c)
+
+    def score(c: Candidate) -> float | None:
+        mine = [r.score for r in done if r.candidate == c.index]
+        return mean(mine) if mine else None
+
+    ranking = sorted(acceptable, key=lambda c: (-(score(c) or 0.0), c.diff_size, c.index))
+    for rank, c in enumerate(ranking, 1):
+        s = score(c)
+        checks_word = "checks pass, " if has_checks else ""
+        review_word = f"mean review {s:.1f}" if s is not None else "no reviews"
+        explanation.append(
+            f"rank {rank}: #{c.index} ({c.model}): {checks_word}{review_word}, "
+            f"{c.diff_size} changed lines"
+        )
+    winner = ranking[0].index if ranking else None
+    return Selection(winner=winner, ranking=[c.index for c in ranking], explanation=explanation)
+
+
+async def select(state: RunState, runtime: Runtime[Context]) -> dict[str, object]:
+    ctx = runtime.context
+    ctx.events.emit(StageStarted(run_id=ctx.run_id, stage="select"))
+    selection = choose(
+        state.get("candidates", []),
+        state.get("checks", []),
+        state.get("reviews", []),
+        has_checks=bool(ctx.spec.checks),
+    )
+    ctx.events.emit(
+        Selected(run_id=ctx.run_id, winner=selection.winner, explanation=selection.explanation)
+    )
+    return {"selection": selection}

@@ -1,0 +1,181 @@
+"""Shell commands for builders and checks: own process group, timeout, capped output."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+
+_KEPT_ENV = frozenset(
+    ("PATH", "HOME", "LANG", "TERM", "TMPDIR", "TZ", "USER", "LOGNAME", "SHELL", "VIRTUAL_ENV")
+)
+_SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+_TERM_GRACE_S = 2.0
+"""How long a timed-out command gets to exit after SIGTERM before the group is SIGKILLed."""
+_DRAIN_S = 1.0
+"""How long to wait for the pipe to close once the group is dead."""
+
+
+class CommandResult(BaseModel):
+    """What a shell command did."""
+
+    command: str
+    """The command line as given to /bin/sh -c."""
+    exit_code: int | None
+    """The shell's exit status; negative for a signal; None when it timed out."""
+    timed_out: bool
+    duration_s: float
+    output: str
+    """stdout and stderr interleaved, UTF-8 with replacement, head and tail kept within the cap."""
+
+
+def sandbox_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """An allowlisted copy of os.environ: never API keys or tokens. `extra` is trusted as is."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if (k in _KEPT_ENV or k.startswith("LC_"))
+        and not any(marker in k.upper() for marker in _SECRET_MARKERS)
+    }
+    env.update(GIT_TERMINAL_PROMPT="0", PYTHONDONTWRITEBYTECODE="1", CI="1")
+    env.update(extra or {})
+    return env
+
+
+class _CappedOutput:
+    """Keeps the first and last bytes of a stream, at most `cap` in all."""
+
+    def __init__(self, cap: int) -> None:
+        self.head_cap = max(cap, 0) // 2
+        self.tail_cap = max(cap, 0) - self.head_cap
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        room = self.head_cap - len(self.head)
+        if room > 0:
+            self.head += chunk[:room]
+            chunk = chunk[room:]
+        self.tail += chunk
+        if len(self.tail) > self.tail_cap:
+            del self.tail[: len(self.tail) - self.tail_cap]
+
+    def text(self) -> str:
+        omitted = self.total - len(self.head) - len(self.tail)
+        if omitted <= 0:
+            return (self.head + self.tail).decode("utf-8", "replace")
+        marker = f"\n[… {omitted} bytes omitted …]\n"
+        return self.head.decode("utf-8", "replace") + marker + self.tail.decode("utf-8", "replace")
+
+
+class _Collector(asyncio.SubprocessProtocol):
+    """Feeds output to the cap and marks the two ends: the shell's exit and the pipe's close.
+
+    asyncio's own `Process.wait()` returns only once every pipe is closed, so a background
+    child that keeps stdout open would hide the shell's exit until the timeout.
+    """
+
+    def __init__(self, out: _CappedOutput) -> None:
+        loop = asyncio.get_running_loop()
+        self.out = out
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        self.out.add(data if isinstance(data, bytes) else data.encode())
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    # ESRCH: the group is already gone. EPERM: only left are members that changed uid.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+async def _finish(transport: asyncio.SubprocessTransport, proto: _Collector) -> None:
+    """Kill whatever is left of the group, then collect the output still in the pipe."""
+    _signal_group(transport.get_pid(), signal.SIGKILL)
+    with contextlib.suppress(TimeoutError):
+        # Bounded: a process that left the group with setsid could hold the pipe forever.
+        await asyncio.wait_for(asyncio.shield(proto.closed), _DRAIN_S)
+    transport.close()
+
+
+async def run_shell(
+    command: str,
+    cwd: Path,
+    *,
+    timeout_s: float,
+    output_cap: int,
+    env: dict[str, str] | None = None,
+) -> CommandResult:
+    """Run `command` with /bin/sh in `cwd`; the whole process group dies when it ends."""
+    started = time.monotonic()
+    out = _CappedOutput(output_cap)
+    proto = _Collector(out)
+    spawn = asyncio.ensure_future(
+        asyncio.get_running_loop().subprocess_exec(
+            lambda: proto,
+            "/bin/sh",
+            "-c",
+            command,
+            cwd=cwd,
+            env=sandbox_env() if env is None else env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    )
+    try:
+        transport, _ = await asyncio.shield(spawn)
+    except asyncio.CancelledError:
+        # Cancelled mid-spawn: the shell may have started children already.
+        with contextlib.suppress(Exception):
+            await _finish((await spawn)[0], proto)
+        raise
+    except OSError as exc:  # a missing cwd, say: reported like the shell would, as 126
+        out.add(f"flow: cannot start /bin/sh in {cwd}: {exc}\n".encode())
+        return _result(command, 126, False, started, out)
+    timed_out = False
+    try:
+        async with asyncio.timeout(timeout_s):
+            await asyncio.shield(proto.exited)
+    except TimeoutError:
+        timed_out = True
+        _signal_group(transport.get_pid(), signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(proto.exited), _TERM_GRACE_S)
+    finally:
+        # After a normal exit too: background children would hold the pipe and the CPU.
+        await _finish(transport, proto)
+    return _result(
+        command, None if timed_out else transport.get_returncode(), timed_out, started, out
+    )
+
+
+def _result(
+    command: str, code: int | None, timed_out: bool, started: float, out: _CappedOutput
+) -> CommandResult:
+    return CommandResult(
+        command=command,
+        exit_code=code,
+        timed_out=timed_out,
+        duration_s=time.monotonic() - started,
+        output=out.text(),
+    )

@@ -1,0 +1,90 @@
+"""The run report: markdown for people, JSON for machines."""
+
+from __future__ import annotations
+
+from statistics import mean
+
+from orchestrator.state import Candidate, CandidateChecks, Plan, Review, RunState, Selection
+
+
+def _candidate_section(
+    c: Candidate, checks: CandidateChecks | None, reviews: list[Review], winner: int | None
+) -> list[str]:
+    mark = " — **winner**" if c.index == winner else ""
+    lines = [f"### Candidate #{c.index}: `{c.model}` (family {c.family}){mark}", ""]
+    lines.append(f"- status: {c.status}" + (f" ({c.error})" if c.error else ""))
+    lines.append(
+        f"- diff: {len(c.files)} files, +{c.added} −{c.removed}"
+        + (f" ([patch]({c.patch}))" if c.patch else "")
+    )
+    lines.append(
+        f"- builder: {c.turns} turns, {c.prompt_tokens + c.completion_tokens} tokens, "
+        f"${c.cost_usd:.4f}"
+    )
+    if c.summary:
+        lines.append(f"- builder's summary: {c.summary.strip()}")
+    if checks is not None:
+        for res in checks.results:
+            state = "pass" if res.passed else ("timeout" if res.timed_out else "fail")
+            if not res.passed and not res.timed_out:
+                state += f" (exit {res.exit_code})"
+            lines.append(f"- check `{res.command}`: {state}, {res.duration_s:.1f}s")
+    for r in reviews:
+        if r.error:
+            lines.append(f"- review by `{r.reviewer}`: failed ({r.error})")
+            continue
+        lines.append(
+            f"- review by `{r.reviewer}` ({r.family}): {r.score:.1f}/10, {r.verdict}"
+            f" — {r.summary.strip()}"
+        )
+        lines += [f"  - {f}" for f in r.findings]
+    done = [r.score for r in reviews if r.error is None]
+    if done:
+        lines.append(f"- mean review score: {mean(done):.2f}")
+    return [*lines, ""]
+
+
+def render_markdown(
+    state: RunState,
+    *,
+    title: str,
+    spec_path: str,
+    branch: str,
+    base: str,
+    cost: float,
+    outcome: str,
+    dirty_note: str | None = None,
+) -> str:
+    plan: Plan | None = state.get("plan")
+    selection: Selection | None = state.get("selection")
+    applied = state.get("applied")
+    checks = {c.candidate: c for c in state.get("checks", [])}
+    reviews = state.get("reviews", [])
+    winner = selection.winner if selection else None
+    lines = [f"# flow run {state.get('run_id', '')}: {title}", ""]
+    lines.append(f"- spec: `{spec_path}`")
+    lines.append(f"- base: `{base}`")
+    if applied:
+        lines.append(
+            f"- **outcome: applied** on branch `{applied.branch}` as `{applied.commit[:12]}`"
+        )
+    else:
+        lines.append(f"- **outcome: {outcome}** — nothing was applied (intended branch `{branch}`)")
+    lines.append(f"- cost: ${cost:.4f}")
+    if dirty_note:
+        lines.append(f"- note: {dirty_note}")
+    lines.append("")
+    if plan:
+        lines += ["## Plan", "", plan.summary.strip(), ""]
+        lines += [f"{i}. {s}" for i, s in enumerate(plan.steps, 1)] + [""]
+    lines += ["## Selection", ""]
+    lines += [f"- {e}" for e in (selection.explanation if selection else ["(not reached)"])]
+    lines += ["", "## Candidates", ""]
+    for c in sorted(state.get("candidates", []), key=lambda c: c.index):
+        lines += _candidate_section(
+            c, checks.get(c.index), [r for r in reviews if r.candidate == c.index], winner
+        )
+    notes = state.get("notes", [])
+    if notes:
+        lines += ["## Skipped and why", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines).rstrip() + "\n"

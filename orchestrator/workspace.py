@@ -1,0 +1,400 @@
+"""git, through the `git` binary: worktrees, candidate diffs, and commit-to-branch.
+
+Every call gets a scrubbed environment: variables that point git at another repository or
+index (set when flow runs from a hook or an alias) are dropped, prompts are off, messages
+are in the C locale, and optional locks are off so that `git status` never rewrites the
+user's index behind their back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import ClassVar
+
+from orchestrator.errors import WorkspaceError
+
+DEFAULT_IDENTITY = ("flow", "flow@localhost")
+"""Author and committer of flow's commits when the repository's git config names nobody."""
+
+_DROPPED_ENV = (
+    "GIT_DIR",
+    "GIT_WORK_TREE",
+    "GIT_INDEX_FILE",
+    "GIT_COMMON_DIR",
+    "GIT_OBJECT_DIRECTORY",
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+    "GIT_NAMESPACE",
+    "GIT_PREFIX",
+    "GIT_QUARANTINE_PATH",
+)
+# Whatever the user's config says, flow's diffs must be plain, prefixed, binary-safe
+# patches that `git apply` reads back exactly.
+_DIFF_OPTS = (
+    "--binary",
+    "--full-index",
+    "--no-renames",
+    "--no-ext-diff",
+    "--no-textconv",
+    "--no-color",
+    "--no-relative",
+    "--src-prefix=a/",
+    "--dst-prefix=b/",
+)
+_APPLY_OPTS = ("--binary", "--whitespace=nowarn")
+
+
+class BranchExists(WorkspaceError):
+    """The branch flow was asked to create already exists; nothing was created."""
+
+
+def _git_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
+    env.update(GIT_TERMINAL_PROMPT="0", LC_ALL="C", GIT_OPTIONAL_LOCKS="0")
+    env.update(extra or {})
+    return env
+
+
+def _run(
+    cwd: Path,
+    args: tuple[str, ...],
+    *,
+    env: dict[str, str] | None = None,
+    input: bytes | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[bytes]:
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(cwd), *args],
+            env=_git_env(env),
+            input=input,
+            capture_output=True,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
+    except FileNotFoundError as exc:
+        raise WorkspaceError("git is not installed or not on PATH; install git") from exc
+    if check and proc.returncode != 0:
+        raise WorkspaceError(f"git {args[0]} failed in {cwd}: {_first_line(proc.stderr)}")
+    return proc
+
+
+def _ok(cwd: Path, *args: str) -> bool:
+    return _run(cwd, args, check=False).returncode == 0
+
+
+def _first_line(stderr: bytes) -> str:
+    lines = stderr.decode("utf-8", "replace").strip().splitlines()
+    return lines[0] if lines else "(git gave no message)"
+
+
+def _text(proc: subprocess.CompletedProcess[bytes]) -> str:
+    return proc.stdout.decode("utf-8", "replace").rstrip("\n")
+
+
+class Repo:
+    """A non-bare git repository with at least one commit."""
+
+    _locks: ClassVar[dict[Path, threading.Lock]] = {}
+    _locks_guard: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, root: Path, git_dir: Path) -> None:
+        self.root = root
+        self.git_dir = git_dir
+
+    def __repr__(self) -> str:
+        return f"Repo({str(self.root)!r})"
+
+    @classmethod
+    def open(cls, path: Path) -> Repo:
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise WorkspaceError(f"{path} does not exist; pass an existing repository directory")
+        probe = _run(
+            path, ("rev-parse", "--is-bare-repository", "--is-inside-work-tree"), check=False
+        )
+        if probe.returncode != 0:
+            why = _first_line(probe.stderr)
+            if "not a git repository" in why:
+                raise WorkspaceError(
+                    f"{path} is not inside a git repository; run `git init` there or pass --repo"
+                )
+            # e.g. "detected dubious ownership": git's own words carry the fix.
+            raise WorkspaceError(f"{path} cannot be used as a git repository: {why}")
+        bare, inside = _text(probe).split("\n")[:2]
+        if bare == "true" or inside != "true":
+            raise WorkspaceError(
+                f"{path} is a bare repository (or inside a .git directory); "
+                "pass a directory of a checked-out work tree"
+            )
+        out = _text(_run(path, ("rev-parse", "--show-toplevel", "--git-common-dir")))
+        top, common = out.split("\n")[:2]
+        root = Path(top).resolve()
+        # --git-common-dir may be relative to the directory git ran in.
+        repo = cls(root, (path / common).resolve())
+        head = _run(root, ("rev-parse", "--verify", "--quiet", "HEAD^{commit}"), check=False)
+        if head.returncode != 0:
+            raise WorkspaceError(f"{root} has no commits yet; make a first commit")
+        return repo
+
+    def git(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        input: bytes | None = None,
+        check: bool = True,
+    ) -> str:
+        """Run git in the work tree; stdout without its trailing newline."""
+        return _text(_run(self.root, args, env=env, input=input, check=check))
+
+    def _lock(self) -> threading.Lock:
+        with Repo._locks_guard:
+            return Repo._locks.setdefault(self.git_dir, threading.Lock())
+
+    def resolve(self, rev: str) -> str:
+        proc = _run(
+            self.root,
+            ("rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"),
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise WorkspaceError(f"base '{rev}' does not exist in {self.root}")
+        return _text(proc)
+
+    def branch_exists(self, name: str) -> bool:
+        return _ok(self.root, "show-ref", "--verify", "--quiet", f"refs/heads/{name}")
+
+    def head_label(self) -> str:
+        branch = _run(self.root, ("symbolic-ref", "--quiet", "--short", "HEAD"), check=False)
+        if branch.returncode == 0:
+            return _text(branch)
+        return f"detached at {self.git('rev-parse', '--short', 'HEAD')}"
+
+    def is_dirty(self) -> bool:
+        return bool(self.git("status", "--porcelain", "--untracked-files=normal"))
+
+    def ensure_excluded(self, pattern: str = ".flow/") -> None:
+        exclude = self.git_dir / "info" / "exclude"
+        text = exclude.read_text(errors="replace") if exclude.exists() else ""
+        if pattern in (line.strip() for line in text.splitlines()):
+            return
+        exclude.parent.mkdir(parents=True, exist_ok=True)
+        sep = "" if not text or text.endswith("\n") else "\n"
+        with exclude.open("a", encoding="utf-8") as f:
+            f.write(f"{sep}{pattern}\n")
+
+    def identity(self) -> tuple[str, str]:
+        name = self.git("config", "--get", "user.name", check=False).strip()
+        email = self.git("config", "--get", "user.email", check=False).strip()
+        return (name, email) if name and email else DEFAULT_IDENTITY
+
+    def add_worktree(self, path: Path, sha: str) -> Path:
+        path = Path(path).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock():
+            self.git("worktree", "add", "--detach", "--force", str(path), sha)
+        return path
+
+    def remove_worktree(self, path: Path) -> None:
+        path = Path(path)
+        with self._lock():
+            if path.exists():
+                # Fails on submodules or a damaged .git file; the rmtree below still cleans up.
+                self.git("worktree", "remove", "--force", "--force", str(path), check=False)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+            self.git("worktree", "prune")
+
+    def registered_worktrees(self) -> list[Path]:
+        out = self.git("worktree", "list", "--porcelain")
+        return [
+            Path(line[len("worktree ") :])
+            for line in out.splitlines()
+            if line.startswith("worktree ")
+        ]
+
+    def commit_patch(self, base_sha: str, patch: bytes, branch: str, message: str) -> str:
+        """Commit `patch` onto base as the new branch; the user's checkout is never touched."""
+        if not patch.strip():
+            raise WorkspaceError("the candidate diff is empty; there is nothing to commit")
+        if not _ok(self.root, "check-ref-format", f"refs/heads/{branch}"):
+            raise WorkspaceError(f"'{branch}' is not a valid branch name; choose another")
+        if self.branch_exists(branch):
+            raise self._exists(branch)
+        base = self.resolve(base_sha)
+        tree = self._tree_with(base, patch)
+        if tree == self.git("rev-parse", f"{base}^{{tree}}"):
+            raise WorkspaceError("the candidate diff changes nothing; there is nothing to commit")
+        name, email = self.identity()
+        who = {"GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email}
+        who |= {"GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email}
+        sha = self.git("commit-tree", tree, "-p", base, "-F", "-", env=who, input=message.encode())
+        # The zero old-value makes update-ref create-only, closing the race with a branch
+        # created since the check above. Its length follows the repo's hash (SHA-1 or SHA-256).
+        subject = message.strip().splitlines()[0][:80] if message.strip() else "commit"
+        ref = ("update-ref", "-m", f"flow: {subject}", f"refs/heads/{branch}", sha, "0" * len(sha))
+        made = _run(self.root, ref, check=False)
+        if made.returncode != 0:
+            if self.branch_exists(branch):
+                raise self._exists(branch)
+            raise WorkspaceError(f"cannot create branch '{branch}': {_first_line(made.stderr)}")
+        return sha
+
+    def _tree_with(self, base: str, patch: bytes) -> str:
+        """The tree of base with `patch` applied, built in a throwaway index."""
+        with tempfile.TemporaryDirectory(prefix="flow-index-") as tmp:
+            index = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            self.git("read-tree", base, env=index)
+            args = ("apply", "--cached", "--check", *_APPLY_OPTS)
+            check = _run(self.root, args, env=index, input=patch, check=False)
+            if check.returncode != 0:
+                why = _first_line(check.stderr)
+                raise WorkspaceError(f"the candidate diff does not apply to {base[:12]}: {why}")
+            self.git("apply", "--cached", *_APPLY_OPTS, env=index, input=patch)
+            return self.git("write-tree", env=index)
+
+    def _exists(self, branch: str) -> BranchExists:
+        return BranchExists(
+            f"branch '{branch}' already exists in {self.root}; delete it or choose another name"
+        )
+
+
+def worktree_diff(worktree: Path, base_sha: str) -> bytes:
+    """Everything in `worktree` that differs from base, as a binary patch; b"" if nothing."""
+    with tempfile.TemporaryDirectory(prefix="flow-index-") as tmp:
+        index = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        _run(worktree, ("read-tree", base_sha), env=index)
+        _run(worktree, ("add", "-A"), env=index)
+        _drop_new_gitlinks(worktree, base_sha, index)
+        return _run(worktree, ("diff", "--cached", *_DIFF_OPTS, base_sha, "--"), env=index).stdout
+
+
+def _drop_new_gitlinks(worktree: Path, base_sha: str, index: dict[str, str]) -> None:
+    # A builder that ran `git init` in a subdirectory would otherwise hand us a submodule
+    # entry pointing at a commit that exists nowhere but in its worktree.
+    staged = _text(_run(worktree, ("ls-files", "--stage", "-z"), env=index)).split("\0")
+    links = [line.split("\t", 1)[1] for line in staged if line.startswith("160000 ")]
+    if not links:
+        return
+    old = _text(_run(worktree, ("ls-tree", "-r", "-z", base_sha))).split("\0")
+    kept = {line.split("\t", 1)[1] for line in old if line.startswith("160000 ")}
+    new = [p for p in links if p not in kept]
+    if new:
+        _run(worktree, ("update-index", "--force-remove", "--", *new), env=index)
+
+
+def apply_patch(worktree: Path, patch: bytes) -> None:
+    """Apply a `worktree_diff` patch to the files of `worktree` (its index is left alone)."""
+    if not patch.strip():
+        return
+    _run(worktree, ("apply", *_APPLY_OPTS), input=patch)
+
+
+_HUNK = re.compile(rb"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
+_ESCAPES = {
+    ord("n"): 10,
+    ord("t"): 9,
+    ord('"'): 34,
+    ord("\\"): 92,
+    ord("a"): 7,
+    ord("b"): 8,
+    ord("f"): 12,
+    ord("r"): 13,
+    ord("v"): 11,
+}
+
+
+def _unquote(raw: bytes) -> str:
+    """A path as git prints it: C-quoted (with octal UTF-8 bytes) when unusual."""
+    if not (raw.startswith(b'"') and raw.endswith(b'"') and len(raw) >= 2):
+        return raw.decode("utf-8", "replace")
+    body, out, i = raw[1:-1], bytearray(), 0
+    while i < len(body):
+        c = body[i]
+        if c == 92 and i + 1 < len(body):
+            nxt = body[i + 1]
+            if 48 <= nxt <= 55:
+                out.append(int(body[i + 1 : i + 4], 8))
+                i += 4
+                continue
+            out.append(_ESCAPES.get(nxt, nxt))
+            i += 2
+            continue
+        out.append(c)
+        i += 1
+    return out.decode("utf-8", "replace")
+
+
+def _header_path(rest: bytes) -> str:
+    """The path in `diff --git a/P b/P` (no renames, so both sides are the same)."""
+    if rest.startswith(b'"'):
+        end = 1
+        while end < len(rest) and rest[end] != 34:
+            end += 2 if rest[end] == 92 else 1
+        return _unquote(rest[: end + 1]).removeprefix("a/")
+    half = (len(rest) - 1) // 2
+    return rest[:half].decode("utf-8", "replace").removeprefix("a/")
+
+
+def diff_stats(patch: bytes) -> tuple[list[str], int, int]:
+    """(files touched, lines added, lines removed); binary files are touched with 0 lines."""
+    files: list[str] = []
+    added = removed = old_left = new_left = 0
+    for line in patch.split(b"\n"):
+        if old_left > 0 or new_left > 0:
+            tag = line[:1]
+            if tag == b"+":
+                added, new_left = added + 1, new_left - 1
+            elif tag == b"-":
+                removed, old_left = removed + 1, old_left - 1
+            elif tag in (b" ", b""):
+                old_left, new_left = old_left - 1, new_left - 1
+            continue  # "\ No newline at end of file" counts for neither side
+        if line.startswith(b"diff --git "):
+            files.append(_header_path(line[len(b"diff --git ") :]))
+        elif line.startswith(b"+++ ") and files and line[4:] != b"/dev/null":
+            files[-1] = _unquote(line[4:].rstrip(b"\t")).removeprefix("b/")
+        elif line.startswith(b"--- ") and files and line[4:] != b"/dev/null":
+            files[-1] = _unquote(line[4:].rstrip(b"\t")).removeprefix("a/")
+        elif m := _HUNK.match(line):
+            old_left = int(m.group(1)) if m.group(1) is not None else 1
+            new_left = int(m.group(2)) if m.group(2) is not None else 1
+    return files, added, removed
+
+
+def cache_root() -> Path:
+    if explicit := os.environ.get("FLOW_CACHE_DIR"):
+        return Path(explicit).expanduser()
+    if xdg := os.environ.get("XDG_CACHE_HOME"):
+        return Path(xdg).expanduser() / "flow"
+    return Path.home() / ".cache" / "flow"
+
+
+def worktree_dir(repo: Repo, run_id: str) -> Path:
+    """Where a run's worktrees live: in the user's cache, never inside the repository."""
+    if not run_id or "/" in run_id or "\\" in run_id or run_id in (".", ".."):
+        raise WorkspaceError(f"run id '{run_id}' cannot name a directory")
+    digest = hashlib.sha256(str(repo.root).encode()).hexdigest()[:12]
+    return cache_root() / "worktrees" / digest / run_id
+
+
+def remove_run_worktrees(repo: Repo, run_id: str) -> int:
+    """Remove every worktree of the run, registered with git or merely left on disk."""
+    top = worktree_dir(repo, run_id).resolve()
+    found = {p.resolve() for p in repo.registered_worktrees() if p.resolve().is_relative_to(top)}
+    if top.is_dir():
+        found.update(p.resolve() for p in top.iterdir())
+    for path in sorted(found):
+        repo.remove_worktree(path)
+    with repo._lock():
+        repo.git("worktree", "prune")
+    if top.is_dir() and not any(top.iterdir()):
+        top.rmdir()
+    return len(found)
