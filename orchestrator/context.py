@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.config import LoadedConfig
+from orchestrator.ledger import Ledger
 from orchestrator.protocols import EventSink, ModelDoor
 from orchestrator.redact import Redactor
 from orchestrator.spec import Spec
@@ -23,10 +23,13 @@ class Context:
     events: EventSink
     run_dir: Path
     worktrees: Path
-    spent: Callable[[], float]
-    """Money spent by this run so far (from the ledger)."""
+    ledger: Ledger
     redact: Redactor = field(default_factory=Redactor)
     builders: int | None = None
     keep_worktrees: bool = False
     dirty_note: str | None = None
     """Set when the user's working tree had uncommitted changes, which are not included."""
+
+    def spent(self) -> float:
+        """Money this run has spent so far, from the ledger."""
+        return self.ledger.total(self.run_id)

@@ -29,6 +29,20 @@ def _candidate_section(
             if not res.passed and not res.timed_out:
                 state += f" (exit {res.exit_code})"
             lines.append(f"- check `{res.command}`: {state}, {res.duration_s:.1f}s")
+            if not res.passed and res.output_tail.strip():
+                tail = "\n".join(res.output_tail.strip().splitlines()[-30:])
+                lines += [
+                    "",
+                    "  <details><summary>check output (tail)</summary>",
+                    "",
+                    "  ```",
+                    *[f"  {ln}" for ln in tail.splitlines()],
+                    "  ```",
+                    "  </details>",
+                    "",
+                ]
+    if c.status == "ok" and not reviews and checks is not None and not checks.passed:
+        lines.append("- not reviewed: its checks failed, so it could not be applied")
     for r in reviews:
         if r.error:
             lines.append(f"- review by `{r.reviewer}`: failed ({r.error})")
@@ -54,6 +68,7 @@ def render_markdown(
     cost: float,
     outcome: str,
     dirty_note: str | None = None,
+    spend: dict[str, dict[str, float]] | None = None,
 ) -> str:
     plan: Plan | None = state.get("plan")
     selection: Selection | None = state.get("selection")
@@ -84,6 +99,12 @@ def render_markdown(
         lines += _candidate_section(
             c, checks.get(c.index), [r for r in reviews if r.candidate == c.index], winner
         )
+    if spend:
+        lines += ["## Spend", ""]
+        for dimension, table in spend.items():
+            items = ", ".join(f"{k} ${v:.4f}" for k, v in sorted(table.items()))
+            lines.append(f"- by {dimension}: {items or '(none)'}")
+        lines.append("")
     notes = state.get("notes", [])
     if notes:
         lines += ["## Skipped and why", ""] + [f"- {n}" for n in notes] + [""]

@@ -179,7 +179,7 @@ async def run_spec(
         events=sink,
         run_dir=run_dir,
         worktrees=worktree_dir(repo, run_id),
-        spent=lambda: ledger.total(run_id),
+        ledger=ledger,
         redact=redact,
         builders=len(slots),
         keep_worktrees=options.keep_worktrees,

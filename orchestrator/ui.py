@@ -53,11 +53,18 @@ class LiveView:
     def __exit__(self, *exc: object) -> None:
         self.live.update(self._render())
         self.live.__exit__(None, None, None)
+        if not self.console.is_terminal:
+            self.console.line()
 
     def _render(self) -> Group:
-        table = Table(box=None, pad_edge=False, expand=False)
-        for col in ("#", "model", "status", "turns", "tokens", "cost", "last action"):
-            table.add_column(col, no_wrap=True, overflow="ellipsis", max_width=40)
+        table = Table(box=None, pad_edge=False, expand=True, show_edge=False)
+        table.add_column("#", no_wrap=True, width=2)
+        table.add_column("model", no_wrap=True, overflow="ellipsis", max_width=16)
+        table.add_column("status", no_wrap=True, width=7)
+        table.add_column("turns", no_wrap=True, justify="right", width=5)
+        table.add_column("tokens", no_wrap=True, justify="right", width=8)
+        table.add_column("cost", no_wrap=True, justify="right", width=8)
+        table.add_column("last action", no_wrap=True, overflow="ellipsis", ratio=1)
         for i in sorted(self.builders):
             b = self.builders[i]
             table.add_row(
@@ -80,6 +87,8 @@ class LiveView:
             self.title = event.title
         elif isinstance(event, StageStarted):
             self.stage = event.stage
+        elif isinstance(event, RunFinished):
+            self.stage = "done"
         elif isinstance(event, BuilderUpdate):
             self.builders[event.index] = event
             if event.status == "running" and self.stage == "plan":

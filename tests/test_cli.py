@@ -1,0 +1,131 @@
+"""The command line as a user meets it: exit codes, one-line errors, fast commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import git
+
+from orchestrator.demo import DemoPaths, prepare_demo
+
+
+def flow(
+    *args: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> DemoPaths:
+    return prepare_demo(tmp_path)
+
+
+def modules_after(*argv: str) -> set[str]:
+    code = (
+        "import sys\nfrom orchestrator.cli import app\n"
+        f"try:\n    app({list(argv)!r})\nexcept SystemExit:\n    pass\n"
+        "print('MODULES:' + ' '.join(m for m in sys.modules if m.split('.')[0] in "
+        "('litellm', 'langgraph', 'openai')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("MODULES:"))
+    return set(line.removeprefix("MODULES:").split())
+
+
+def test_help_and_validate_do_not_import_litellm(demo: DemoPaths) -> None:
+    assert modules_after("--help") == set()
+    loaded = modules_after(
+        "validate", str(demo.spec), "--config", str(demo.config), "--repo", str(demo.repo)
+    )
+    assert not {m for m in loaded if m.startswith("litellm")}
+
+
+def test_validate_ok(demo: DemoPaths) -> None:
+    out = flow("validate", str(demo.spec), "--config", str(demo.config), cwd=demo.repo)
+    assert out.returncode == 0, out.stderr
+    assert "Add a median function to stats" in out.stdout and "flow/add-median" in out.stdout
+
+
+def test_bad_config_is_one_clear_line(demo: DemoPaths) -> None:
+    data = yaml.safe_load(demo.config.read_text())
+    data["stages"]["builders"][0]["cuont"] = 2
+    demo.config.write_text(yaml.safe_dump(data))
+    out = flow("validate", str(demo.spec), "--config", str(demo.config), cwd=demo.repo)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") <= 2 and "Traceback" not in out.stderr
+    assert str(demo.config) in out.stderr and "stages.builders.0.cuont" in out.stderr
+    debug = flow("--debug", "validate", str(demo.spec), "--config", str(demo.config), cwd=demo.repo)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+def test_missing_key_variable_is_named(demo: DemoPaths) -> None:
+    data = yaml.safe_load(demo.config.read_text())
+    data["providers"] = {
+        "plan": {
+            "api": "openai",
+            "base_url": "http://127.0.0.1:9/v1",
+            "api_key": "FLOW_TEST_MISSING_KEY",
+        }
+    }
+    data["models"]["glm-sim"] = {
+        "provider": "plan",
+        "id": "glm-4.7",
+        "family": "zhipu",
+        "price": {"input": 0, "output": 0},
+    }
+    demo.config.write_text(yaml.safe_dump(data))
+    out = flow("run", str(demo.spec), "--config", str(demo.config), cwd=demo.repo)
+    assert out.returncode == 2
+    assert "FLOW_TEST_MISSING_KEY" in out.stderr and "Traceback" not in out.stderr
+    assert not (demo.repo / ".flow" / "runs").exists()
+
+
+def test_existing_branch_is_refused_before_any_work(demo: DemoPaths) -> None:
+    git(demo.repo, "branch", "flow/add-median")
+    out = flow("run", str(demo.spec), "--config", str(demo.config), cwd=demo.repo)
+    assert out.returncode == 2
+    assert "flow/add-median" in out.stderr and "already exists" in out.stderr
+    assert not (demo.repo / ".flow" / "runs").exists()
+
+
+def test_run_json_events(demo: DemoPaths) -> None:
+    out = flow("run", str(demo.spec), "--config", str(demo.config), "--json", cwd=demo.repo)
+    assert out.returncode == 0, out.stderr
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "run_started" and kinds[-1] == "run_finished"
+    assert {"builder", "check", "review", "selected", "model_call"} <= set(kinds)
+    assert events[-1]["outcome"] == "applied" and events[-1]["branch"] == "flow/add-median"
+
+
+def test_run_exit_code_1_when_nothing_acceptable(demo: DemoPaths) -> None:
+    data = yaml.safe_load(demo.config.read_text())
+    data["stages"]["builders"] = [{"model": "kimi-sim"}]
+    demo.config.write_text(yaml.safe_dump(data))
+    out = flow("run", str(demo.spec), "--config", str(demo.config), cwd=demo.repo)
+    assert out.returncode == 1
+    assert "nothing applied" in out.stdout
+
+
+def test_demo_command(tmp_path: Path) -> None:
+    out = flow("demo", "--json", env={"TMPDIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    last = json.loads(out.stdout.splitlines()[-1])
+    assert last["outcome"] == "applied"
+    repo = next(tmp_path.glob("flow-demo-*/repo"))
+    assert "def median" in git(repo, "show", "flow/add-median:stats.py")
