@@ -84,3 +84,29 @@ class RunFinished(Event):
     cost_usd: float = 0.0
     report: str = ""
     exit_code: int = 0
+
+
+class BatchStarted(Event):
+    kind: Literal["batch_started"] = "batch_started"
+    batch_id: str
+    specs: list[str]
+    budget_usd: float
+    resumed: bool = False
+
+
+class SpecSkipped(Event):
+    kind: Literal["spec_skipped"] = "spec_skipped"
+    batch_id: str
+    spec: str
+    reason: str
+
+
+class BatchFinished(Event):
+    kind: Literal["batch_finished"] = "batch_finished"
+    batch_id: str
+    applied: int
+    nothing: int
+    failed: int
+    skipped: int
+    cost_usd: float
+    report: str

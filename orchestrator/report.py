@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from statistics import mean
 
+from orchestrator.ledger import Ledger
 from orchestrator.state import Candidate, CandidateChecks, Plan, Review, RunState, Selection
+from orchestrator.store import BatchItem, BatchRecord, RunRecord, Store
 
 
 def _candidate_section(
@@ -109,3 +112,74 @@ def render_markdown(
     if notes:
         lines += ["## Skipped and why", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def render_batch(
+    batch: BatchRecord,
+    items: list[BatchItem],
+    runs: dict[str, RunRecord],
+    spend: dict[str, dict[str, float]],
+) -> str:
+    """The morning summary of a batch."""
+    total = sum(r.cost_usd for r in runs.values())
+    budget = batch.options.get("budget_usd")
+    lines = [f"# flow batch {batch.batch_id}", ""]
+    lines.append(f"- status: {batch.live_status}; {len(items)} specs")
+    lines.append(f"- spent: ${total:.4f}" + (f" of ${budget:.2f}" if budget is not None else ""))
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.status] = counts.get(item.status, 0) + 1
+    lines.append("- outcomes: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    lines += [
+        "",
+        "| spec | outcome | branch | winning model | cost | time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for item in items:
+        run = runs.get(item.run_id or "")
+        status = run.live_status if run and item.status == "running" else item.status
+        branch = f"`{run.applied_branch}`" if run and run.applied_branch else "-"
+        took = (run.finished - run.started) if run and run.finished else None
+        lines.append(
+            f"| `{item.spec_path}` | {status} | {branch} | "
+            f"{(run.winner_model if run else None) or '-'} | "
+            f"${run.cost_usd if run else 0.0:.4f} | {_duration(took)} |"
+        )
+    lines += ["", "## Spend", ""]
+    for dimension, table in spend.items():
+        parts = ", ".join(f"{k} ${v:.4f}" for k, v in sorted(table.items(), key=lambda kv: -kv[1]))
+        lines.append(f"- by {dimension}: {parts or '(none)'}")
+    not_applied = [i for i in items if i.status != "applied"]
+    if not_applied:
+        lines += ["", "## Not applied, and why", ""]
+        for item in not_applied:
+            lines.append(
+                f"- `{item.spec_path}`: {item.status}"
+                + (f" — {item.reason}" if item.reason else "")
+            )
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_batch_report(fdir: Path, batch_id: str, store: Store, ledger: Ledger) -> Path:
+    batch = store.batch(batch_id)
+    assert batch is not None
+    items = store.items(batch_id)
+    runs = {r.run_id: r for r in store.runs(batch_id=batch_id)}
+    spend: dict[str, dict[str, float]] = {}
+    for dimension in ("stage", "model", "provider"):
+        table: dict[str, float] = {}
+        for run_id in runs:
+            for key, value in ledger.by(dimension, run_id).items():
+                table[key] = table.get(key, 0.0) + value
+        spend[dimension] = table
+    path = fdir / "batches" / batch_id / "report.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_batch(batch, items, runs, spend), encoding="utf-8")
+    return path

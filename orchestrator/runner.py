@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from langchain_core.runnables import RunnableConfig
 from pydantic import BaseModel
 
-from orchestrator.config import LoadedConfig, secret_values
+from orchestrator.config import LoadedConfig, resolve_api_key, secret_values
 from orchestrator.context import Context
 from orchestrator.errors import WorkspaceError
 from orchestrator.events import Event, RunFinished, RunStarted
@@ -32,7 +34,12 @@ from orchestrator.state import (
     RunState,
     Selection,
 )
+from orchestrator.store import RunRecord, Store
 from orchestrator.workspace import Repo, remove_run_worktrees, worktree_dir
+
+if TYPE_CHECKING:
+    from orchestrator.budget import Cap
+    from orchestrator.llm.limits import Limiter
 
 STATE_TYPES = [
     Plan,
@@ -60,9 +67,20 @@ class RunResult(BaseModel):
     outcome: str
     branch: str | None = None
     commit: str | None = None
+    winner_model: str | None = None
     cost_usd: float = 0.0
     report: Path
     exit_code: int
+
+
+@dataclass
+class Shared:
+    """What concurrent runs in one process share: provider slots, the checkpointer, caps."""
+
+    limiter: Limiter
+    saver: Any
+    caps: list[Cap] = field(default_factory=list)
+    batch_id: str | None = None
 
 
 class RedactingSink:
@@ -86,7 +104,7 @@ def flow_dir(repo: Repo) -> Path:
     path = repo.root / ".flow"
     try:
         path.mkdir(exist_ok=True)
-        probe = path / ".write-test"
+        probe = path / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as err:
@@ -105,27 +123,42 @@ def preflight(spec: Spec, loaded: LoadedConfig, repo: Repo) -> str:
             f"{spec.path}: branch {spec.branch!r} already exists in {repo.root}; "
             "set `branch:` in the spec's front matter or delete the branch"
         )
-    from orchestrator.config import resolve_api_key
-
-    for name in _used_models(loaded, spec):
+    stages = loaded.config.stages
+    used = {
+        stages.planner.model,
+        *loaded.builder_slots(spec.builders),
+        *(r.model for r in stages.reviewers),
+    }
+    for name in sorted(used):
         resolve_api_key(loaded.model(name))
     return base_sha
 
 
-def _used_models(loaded: LoadedConfig, spec: Spec) -> list[str]:
-    stages = loaded.config.stages
-    names = [stages.planner.model, *loaded.builder_slots(spec.builders)]
-    return sorted(set(names + [r.model for r in stages.reviewers]))
+def sweep_dead_runs(repo: Repo, store: Store) -> None:
+    """Remove checkouts left behind by runs whose process died."""
+    for rec in store.runs(limit=200):
+        if rec.live_status == "interrupted":
+            remove_run_worktrees(repo, rec.run_id)
 
 
 @asynccontextmanager
-async def checkpointer(path: Path) -> AsyncIterator[Any]:
+async def shared_resources(
+    repo: Repo, loaded: LoadedConfig, caps: list[Cap] | None = None, batch_id: str | None = None
+) -> AsyncIterator[Shared]:
     from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
+    from orchestrator.llm.limits import Limiter
+
+    path = flow_dir(repo) / "checkpoints.sqlite"
     async with AsyncSqliteSaver.from_conn_string(str(path)) as saver:
         saver.serde = JsonPlusSerializer(allowed_msgpack_modules=STATE_TYPES)
-        yield saver
+        yield Shared(
+            limiter=Limiter(loaded.config.providers),
+            saver=saver,
+            caps=caps or [],
+            batch_id=batch_id,
+        )
 
 
 async def run_spec(
@@ -136,40 +169,69 @@ async def run_spec(
     options: RunOptions,
     *,
     run_id: str | None = None,
+    shared: Shared | None = None,
 ) -> RunResult:
-    """Run (or, given the run id of an interrupted run, resume) one spec."""
+    """Run (or, given the id of an interrupted run, resume) one spec."""
+    if shared is None:
+        base_sha = _base_for(spec, loaded, repo, run_id)
+        async with shared_resources(repo, loaded) as own:
+            return await _run(spec, loaded, repo, events, options, run_id, own, base_sha)
+    base_sha = _base_for(spec, loaded, repo, run_id)
+    return await _run(spec, loaded, repo, events, options, run_id, shared, base_sha)
+
+
+def _base_for(spec: Spec, loaded: LoadedConfig, repo: Repo, run_id: str | None) -> str:
+    if run_id is None:
+        return preflight(spec, loaded, repo)
+    return repo.resolve(spec.base or "HEAD")
+
+
+async def _run(
+    spec: Spec,
+    loaded: LoadedConfig,
+    repo: Repo,
+    events: EventSink,
+    options: RunOptions,
+    run_id: str | None,
+    shared: Shared,
+    base_sha: str,
+) -> RunResult:
     from orchestrator.budget import Budget, Cap
     from orchestrator.graph import build_graph
     from orchestrator.ledger import Ledger
     from orchestrator.llm.door import Door
-    from orchestrator.llm.limits import Limiter
 
-    resuming = run_id is not None
-    base_sha = repo.resolve(spec.base or "HEAD") if resuming else preflight(spec, loaded, repo)
     run_id = run_id or new_run_id()
+    config: RunnableConfig = {
+        "configurable": {"thread_id": run_id},
+        "max_concurrency": options.max_concurrency,
+    }
+    resuming = await shared.saver.aget_tuple(config) is not None
+    if resuming:  # the interrupted process may have left its checkouts behind
+        remove_run_worktrees(repo, run_id)
     fdir = flow_dir(repo)
     run_dir = fdir / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(fdir / "ledger.sqlite")
+    ledger = Ledger(fdir / "ledger.sqlite")
     redact = Redactor(secret_values(loaded))
     sink = RedactingSink(events, redact)
-    ledger = Ledger(fdir / "ledger.sqlite")
     limit = (
         options.budget_usd if options.budget_usd is not None else loaded.config.budget.per_run_usd
     )
-    caps = [Cap("run", limit, spent_usd=ledger.total(run_id))] if limit is not None else []
-    budget = Budget(caps, per_call_usd=loaded.config.budget.per_call_usd)
+    caps = list(shared.caps)
+    if limit is not None:
+        caps.append(Cap("run", limit, spent_usd=ledger.total(run_id)))
     door = Door(
         loaded,
         run_id=run_id,
         spec=str(spec.path),
         ledger=ledger,
-        budget=budget,
+        budget=Budget(caps, per_call_usd=loaded.config.budget.per_call_usd),
         events=sink,
-        limiter=Limiter(loaded.config.providers),
+        limiter=shared.limiter,
     )
     slots = loaded.builder_slots(options.builders or spec.builders)
-    reviewers = {m: loaded.reviewers_for(m) for m in set(slots)}
-    dirty = repo.is_dirty()
     ctx = Context(
         run_id=run_id,
         repo=repo,
@@ -187,8 +249,23 @@ async def run_spec(
             "the working tree had uncommitted changes; they were not included "
             f"(the run used the committed base {base_sha[:12]})"
         )
-        if dirty
+        if repo.is_dirty()
         else None,
+    )
+    store.start_run(
+        RunRecord(
+            run_id=run_id,
+            batch_id=shared.batch_id,
+            spec_path=str(spec.path.resolve()),
+            spec_digest=spec.digest,
+            config_path=str(loaded.path) if loaded.path else None,
+            title=spec.title,
+            branch=spec.branch,
+            options=options.model_dump(),
+            status="running",
+            started=time.time(),
+            pid=os.getpid(),
+        )
     )
     sink.emit(
         RunStarted(
@@ -204,39 +281,47 @@ async def run_spec(
     state_in: RunState | None = (
         None
         if resuming
-        else RunState(run_id=run_id, base_sha=base_sha, builder_models=slots, reviewers=reviewers)
+        else RunState(
+            run_id=run_id,
+            base_sha=base_sha,
+            builder_models=slots,
+            reviewers={m: loaded.reviewers_for(m) for m in set(slots)},
+        )
     )
-    config: RunnableConfig = {
-        "configurable": {"thread_id": run_id},
-        "max_concurrency": options.max_concurrency,
-    }
     try:
-        async with checkpointer(fdir / "checkpoints.sqlite") as saver:
-            graph = build_graph().compile(checkpointer=saver)
-            async for _ in graph.astream(
-                state_in, config, context=ctx, durability="sync", stream_mode="updates"
-            ):
-                pass
-            final: RunState = (await graph.aget_state(config)).values  # type: ignore[assignment]
+        graph = build_graph().compile(checkpointer=shared.saver)
+        async for _ in graph.astream(
+            state_in, config, context=ctx, durability="sync", stream_mode="updates"
+        ):
+            pass
+        final: RunState = (await graph.aget_state(config)).values  # type: ignore[assignment]
         cost = ledger.total(run_id)
+        result = _result(run_id, final, cost, run_dir)
+        store.finish_run(
+            run_id,
+            status=result.outcome,
+            cost=cost,
+            branch=result.branch,
+            commit=result.commit,
+            winner=result.winner_model,
+        )
+    except Exception as err:
+        store.finish_run(
+            run_id,
+            status="failed",
+            cost=ledger.total(run_id),
+            error=redact(f"{type(err).__name__}: {err}")[:500],
+        )
+        raise
     finally:
         if not options.keep_worktrees:
             remove_run_worktrees(repo, run_id)
         ledger.close()
-    applied = final.get("applied")
-    result = RunResult(
-        run_id=run_id,
-        outcome="applied" if applied else "nothing",
-        branch=applied.branch if applied else None,
-        commit=applied.commit if applied else None,
-        cost_usd=cost,
-        report=run_dir / "report.md",
-        exit_code=0 if applied else 1,
-    )
+        store.close()
     sink.emit(
         RunFinished(
             run_id=run_id,
-            outcome="applied" if applied else "nothing",
+            outcome="applied" if result.branch else "nothing",
             branch=result.branch,
             commit=result.commit,
             cost_usd=cost,
@@ -245,3 +330,23 @@ async def run_spec(
         )
     )
     return result
+
+
+def _result(run_id: str, final: RunState, cost: float, run_dir: Path) -> RunResult:
+    applied = final.get("applied")
+    selection = final.get("selection")
+    winner = None
+    if applied and selection and selection.winner is not None:
+        winner = next(
+            (c.model for c in final.get("candidates", []) if c.index == selection.winner), None
+        )
+    return RunResult(
+        run_id=run_id,
+        outcome="applied" if applied else "nothing",
+        branch=applied.branch if applied else None,
+        commit=applied.commit if applied else None,
+        winner_model=winner,
+        cost_usd=cost,
+        report=run_dir / "report.md",
+        exit_code=0 if applied else 1,
+    )

@@ -11,16 +11,21 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator.events import (
+    BatchFinished,
+    BatchStarted,
     BuilderUpdate,
     CheckDone,
     Event,
+    ModelCall,
     Notice,
     ReviewDone,
     RunFinished,
     RunStarted,
     Selected,
+    SpecSkipped,
     StageStarted,
 )
+from orchestrator.store import BatchRecord, RunRecord
 
 STATUS_STYLE = {"running": "yellow", "ok": "green", "empty": "dim", "failed": "red"}
 
@@ -123,6 +128,14 @@ def describe(event: Event) -> str | None:
     if isinstance(event, Notice):
         style = {"info": "", "warning": "yellow", "error": "red"}[event.level]
         return f"  [{style}]{event.level}[/]: {event.message}" if style else f"  {event.message}"
+    if isinstance(event, SpecSkipped):
+        return f"  [yellow]skipped[/] {event.spec}: {event.reason}"
+    if isinstance(event, BatchFinished):
+        return (
+            f"[bold]batch {event.batch_id}[/]: {event.applied} applied, {event.nothing} "
+            f"nothing acceptable, {event.failed} failed, {event.skipped} skipped; "
+            f"cost ${event.cost_usd:.4f}\nreport: {event.report}"
+        )
     if isinstance(event, RunFinished):
         if event.outcome == "applied":
             return (
@@ -135,3 +148,113 @@ def describe(event: Event) -> str | None:
             f"${event.cost_usd:.4f}\nreport: {event.report}"
         )
     return None
+
+
+class BatchView:
+    """A live table of a batch's specs: one row per run, with its stage and cost."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.rows: dict[str, list[str]] = {}
+        self.cost: dict[str, float] = {}
+        self.header = "flow batch"
+        self.live = Live(self._render(), console=console, refresh_per_second=4, transient=False)
+
+    def __enter__(self) -> BatchView:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.live.update(self._render())
+        self.live.__exit__(None, None, None)
+        if not self.console.is_terminal:
+            self.console.line()
+
+    def _render(self) -> Group:
+        table = Table(box=None, pad_edge=False, expand=True, show_edge=False)
+        table.add_column("run", no_wrap=True, width=22)
+        table.add_column("spec", no_wrap=True, overflow="ellipsis", ratio=1)
+        table.add_column("stage", no_wrap=True, width=10)
+        table.add_column("cost", no_wrap=True, justify="right", width=9)
+        for run_id, (title, stage) in self.rows.items():
+            table.add_row(run_id, title, stage, f"${self.cost.get(run_id, 0.0):.4f}")
+        return Group(Text(self.header, style="bold"), table)
+
+    def emit(self, event: Event) -> None:
+        line: str | None = None
+        if isinstance(event, BatchStarted):
+            verb = "resuming" if event.resumed else "starting"
+            self.header = (
+                f"flow batch {event.batch_id}: {verb}, {len(event.specs)} specs, "
+                f"budget ${event.budget_usd:.2f}"
+            )
+        elif isinstance(event, RunStarted):
+            self.rows[event.run_id] = [event.title, "plan"]
+        elif isinstance(event, StageStarted) and event.run_id in self.rows:
+            self.rows[event.run_id][1] = event.stage
+        elif isinstance(event, BuilderUpdate) and event.run_id in self.rows:
+            if self.rows[event.run_id][1] == "plan":
+                self.rows[event.run_id][1] = "build"
+        elif isinstance(event, ModelCall):
+            self.cost[event.run_id] = self.cost.get(event.run_id, 0.0) + event.cost_usd
+        elif isinstance(event, RunFinished):
+            if event.run_id in self.rows:
+                self.rows[event.run_id][1] = event.outcome
+            line = describe(event)
+        elif isinstance(event, SpecSkipped | BatchFinished | Notice):
+            line = describe(event)
+        if line:
+            self.console.print(line)
+        self.live.update(self._render())
+
+
+def status_tables(
+    runs: list[RunRecord], batches: list[BatchRecord], specs_per_batch: dict[str, int]
+) -> list[Table]:
+    """`flow status`: recent batches, then recent runs."""
+    tables = []
+    if batches:
+        bt = Table(title="batches", title_justify="left", box=None, expand=True)
+        bt.add_column("batch", no_wrap=True, width=24)
+        bt.add_column("status", no_wrap=True, width=11)
+        bt.add_column("specs", no_wrap=True, justify="right", width=5)
+        bt.add_column("budget", no_wrap=True, justify="right", width=8)
+        bt.add_column("started", no_wrap=True, width=11)
+        for b in batches:
+            bt.add_row(
+                b.batch_id,
+                b.live_status,
+                str(specs_per_batch.get(b.batch_id, 0)),
+                f"${b.options.get('budget_usd', 0):.2f}",
+                _when(b.started),
+            )
+        tables.append(bt)
+    rt = Table(title="runs", title_justify="left", box=None, expand=True)
+    rt.add_column("run", no_wrap=True, width=22)
+    rt.add_column("status", no_wrap=True, width=11)
+    rt.add_column("spec", no_wrap=True, overflow="ellipsis", ratio=1)
+    rt.add_column("cost", no_wrap=True, justify="right", width=8)
+    rt.add_column("started", no_wrap=True, width=11)
+    for r in runs:
+        style = STATUS_STYLE.get(
+            {"applied": "ok", "nothing": "empty", "interrupted": "failed", "failed": "failed"}.get(
+                r.live_status, "running"
+            ),
+            "",
+        )
+        title = f"{r.title} → {r.applied_branch}" if r.applied_branch else r.title
+        rt.add_row(
+            r.run_id,
+            Text(r.live_status, style=style),
+            title,
+            f"${r.cost_usd:.4f}",
+            _when(r.started),
+        )
+    tables.append(rt)
+    return tables
+
+
+def _when(ts: float) -> str:
+    import time
+
+    return time.strftime("%m-%d %H:%M", time.localtime(ts))

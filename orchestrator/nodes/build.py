@@ -11,6 +11,7 @@ from orchestrator.agents.builder import Builder, BuildOutcome
 from orchestrator.agents.prompts import build_request
 from orchestrator.agents.tools import Tools
 from orchestrator.context import Context
+from orchestrator.errors import BudgetExceeded
 from orchestrator.events import BuilderUpdate
 from orchestrator.state import BuildTask, Candidate
 from orchestrator.workspace import diff_stats, worktree_diff
@@ -43,6 +44,7 @@ async def build(task: BuildTask, runtime: Runtime[Context]) -> dict[str, object]
         )
 
     outcome = BuildOutcome()
+    notes: list[str] = []
     update(outcome, "running", "starting")
     error: str | None = None
     patch = b""
@@ -67,6 +69,11 @@ async def build(task: BuildTask, runtime: Runtime[Context]) -> dict[str, object]
         except Exception as err:  # the boundary: any failure becomes this candidate's record
             outcome = builder.outcome
             outcome.error = ctx.redact(_short(err))
+            if isinstance(err, BudgetExceeded):
+                notes.append(
+                    f"builder #{task.index} ({task.model}) stopped after "
+                    f"{outcome.turns} turns: {outcome.error}"
+                )
         error = outcome.error
         patch = await asyncio.to_thread(worktree_diff, path, task.base_sha)
     except Exception as err:  # worktree or diff failure: record it, never cancel siblings
@@ -76,7 +83,7 @@ async def build(task: BuildTask, runtime: Runtime[Context]) -> dict[str, object]
             await asyncio.to_thread(ctx.repo.remove_worktree, path)
     candidate = _candidate(ctx, task, model.family, outcome, error, patch)
     update(outcome, candidate.status, candidate.error or candidate.summary[:60])
-    return {"candidates": [candidate]}
+    return {"candidates": [candidate], "notes": notes}
 
 
 def _candidate(

@@ -25,6 +25,7 @@ async def review(task: ReviewTask, runtime: Runtime[Context]) -> dict[str, objec
     cand = task.candidate
     reviewer = ctx.config.model(task.reviewer)
     record = Review(candidate=cand.index, reviewer=task.reviewer, family=reviewer.family)
+    notes: list[str] = []
     assert cand.patch is not None
     diff = (ctx.run_dir / cand.patch).read_text(encoding="utf-8", errors="replace")
     messages = [
@@ -57,6 +58,8 @@ async def review(task: ReviewTask, runtime: Runtime[Context]) -> dict[str, objec
     except (BudgetExceeded, ProviderError, ValueError, ValidationError) as err:
         first = str(err).strip().splitlines()
         record.error = ctx.redact(first[0] if first else type(err).__name__)
+        if isinstance(err, BudgetExceeded):
+            notes = [f"review of #{cand.index} by {task.reviewer} not made: {record.error}"]
     ctx.events.emit(
         ReviewDone(
             run_id=ctx.run_id,
@@ -67,4 +70,4 @@ async def review(task: ReviewTask, runtime: Runtime[Context]) -> dict[str, objec
             error=record.error,
         )
     )
-    return {"reviews": [record]}
+    return {"reviews": [record], "notes": notes}

@@ -1,0 +1,284 @@
+"""Many specs under one budget, several at once, resumable after a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel
+
+from orchestrator.config import LoadedConfig
+from orchestrator.errors import FlowError, WorkspaceError
+from orchestrator.events import BatchFinished, BatchStarted, SpecSkipped
+from orchestrator.protocols import EventSink
+from orchestrator.runner import (
+    RunOptions,
+    Shared,
+    flow_dir,
+    new_run_id,
+    preflight,
+    run_spec,
+    shared_resources,
+    sweep_dead_runs,
+)
+from orchestrator.spec import Spec, load_spec
+from orchestrator.store import BatchItem, BatchRecord, Store, pid_alive
+from orchestrator.workspace import Repo
+
+if TYPE_CHECKING:
+    from orchestrator.budget import Cap
+
+FINISHED = ("applied", "nothing", "failed", "skipped")
+PROMPT_ALLOWANCE_TOKENS = 8_000
+"""Prompt size assumed when deciding whether a new spec can still afford its planner call."""
+
+
+class BatchOptions(BaseModel):
+    budget_usd: float
+    per_spec_usd: float | None = None
+    parallel: int = 2
+    until: str | None = None
+    builders: int | None = None
+    keep_worktrees: bool = False
+    new: bool = False
+
+
+class BatchResult(BaseModel):
+    batch_id: str
+    items: list[BatchItem]
+    cost_usd: float
+    report: Path
+    resumed: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if all(i.status == "applied" for i in self.items) else 1
+
+
+def batch_key(spec_paths: list[Path], config_path: Path | None) -> str:
+    """Same specs + same config = the same batch, so re-running the command resumes it."""
+    names = sorted(str(p.resolve()) for p in spec_paths)
+    raw = json.dumps({"specs": names, "config": str(config_path.resolve()) if config_path else ""})
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def parse_until(value: str | None, now: datetime | None = None) -> datetime | None:
+    """`HH:MM` local time (today, or tomorrow if it has passed), or an ISO date and time."""
+    if value is None:
+        return None
+    now = now or datetime.now()
+    try:
+        if "T" in value or "-" in value:
+            return datetime.fromisoformat(value)
+        hour, minute = (int(x) for x in value.split(":"))
+        target = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    except ValueError:
+        raise FlowError(
+            f"--until {value!r}: expected HH:MM (e.g. 07:30) or a date and time "
+            "(e.g. 2026-11-22T07:30)"
+        ) from None
+    return target if target > now else target + timedelta(days=1)
+
+
+def _min_call_cost(loaded: LoadedConfig) -> float:
+    planner = loaded.model(loaded.config.stages.planner.model)
+    return (
+        PROMPT_ALLOWANCE_TOKENS * planner.input_per_token
+        + planner.max_output_tokens * planner.output_per_token
+    )
+
+
+def _open(
+    store: Store,
+    specs: list[Spec],
+    key: str,
+    loaded: LoadedConfig,
+    options: BatchOptions,
+    resume_id: str | None,
+) -> tuple[BatchRecord, bool]:
+    existing = (
+        store.batch(resume_id) if resume_id else (None if options.new else store.latest_batch(key))
+    )
+    if resume_id and existing is None:
+        raise FlowError(f"no batch {resume_id!r} in this repository; see `flow status`")
+    if existing is not None:
+        if existing.status == "running" and existing.pid != os.getpid() and pid_alive(existing.pid):
+            raise FlowError(f"batch {existing.batch_id} is running in process {existing.pid}")
+        if existing.status == "done":
+            return existing, True  # finished: report it; `--new` starts over
+        store.claim_batch(existing.batch_id, options.model_dump())
+        return existing, True
+    rec = BatchRecord(
+        batch_id="b-" + new_run_id(),
+        key=key,
+        config_path=str(loaded.path) if loaded.path else None,
+        options=options.model_dump(),
+        status="running",
+        started=time.time(),
+        pid=os.getpid(),
+    )
+    items = [
+        BatchItem(
+            batch_id=rec.batch_id,
+            position=i,
+            spec_path=str(s.path),
+            spec_digest=s.digest,
+            status="pending",
+        )
+        for i, s in enumerate(specs)
+    ]
+    store.open_batch(rec, items)
+    return rec, False
+
+
+async def run_batch(
+    spec_paths: list[Path],
+    loaded: LoadedConfig,
+    repo: Repo,
+    events: EventSink,
+    options: BatchOptions,
+    *,
+    resume_id: str | None = None,
+) -> BatchResult:
+    from orchestrator.budget import Cap
+    from orchestrator.ledger import Ledger
+
+    # Every spec is valid before anything starts; paths are absolute so resume works anywhere.
+    specs = [load_spec(p.resolve()) for p in spec_paths]
+    deadline = parse_until(options.until)
+    fdir = flow_dir(repo)
+    store = Store(fdir / "ledger.sqlite")
+    ledger = Ledger(fdir / "ledger.sqlite")
+    try:
+        sweep_dead_runs(repo, store)
+        rec, resumed = _open(
+            store, specs, batch_key(spec_paths, loaded.path), loaded, options, resume_id
+        )
+        items = store.items(rec.batch_id)
+        by_path = {str(s.path): s for s in specs}
+        spent = sum(ledger.total(i.run_id) for i in items if i.run_id)
+        cap = Cap("batch", options.budget_usd, spent_usd=min(spent, options.budget_usd))
+        events.emit(
+            BatchStarted(
+                batch_id=rec.batch_id,
+                specs=[i.spec_path for i in items],
+                budget_usd=options.budget_usd,
+                resumed=resumed,
+            )
+        )
+        async with shared_resources(repo, loaded, caps=[cap], batch_id=rec.batch_id) as shared:
+            gate = asyncio.Semaphore(max(1, options.parallel))
+            work = [
+                _one(
+                    item,
+                    by_path.get(item.spec_path),
+                    loaded,
+                    repo,
+                    events,
+                    options,
+                    shared,
+                    store,
+                    gate,
+                    deadline,
+                    cap,
+                )
+                for item in items
+                if item.status not in FINISHED
+            ]
+            await asyncio.gather(*work)
+        if rec.status != "done":
+            store.finish_batch(rec.batch_id, "done")
+        final = store.items(rec.batch_id)
+        cost = sum(ledger.total(i.run_id) for i in final if i.run_id)
+        from orchestrator.report import write_batch_report
+
+        report = write_batch_report(fdir, rec.batch_id, store, ledger)
+    finally:
+        ledger.close()
+        store.close()
+    counts = {s: sum(1 for i in final if i.status == s) for s in FINISHED}
+    events.emit(
+        BatchFinished(
+            batch_id=rec.batch_id,
+            applied=counts["applied"],
+            nothing=counts["nothing"],
+            failed=counts["failed"],
+            skipped=counts["skipped"],
+            cost_usd=cost,
+            report=str(report),
+        )
+    )
+    return BatchResult(
+        batch_id=rec.batch_id, items=final, cost_usd=cost, report=report, resumed=resumed
+    )
+
+
+async def _one(
+    item: BatchItem,
+    spec: Spec | None,
+    loaded: LoadedConfig,
+    repo: Repo,
+    events: EventSink,
+    options: BatchOptions,
+    shared: Shared,
+    store: Store,
+    gate: asyncio.Semaphore,
+    deadline: datetime | None,
+    cap: Cap,
+) -> None:
+    def skip(reason: str) -> None:
+        store.update_item(item.batch_id, item.position, status="skipped", reason=reason)
+        events.emit(SpecSkipped(batch_id=item.batch_id, spec=item.spec_path, reason=reason))
+
+    async with gate:
+        if spec is None:
+            return skip("the spec is no longer part of this batch's command")
+        if item.run_id is None:
+            if deadline is not None and datetime.now() >= deadline:
+                return skip(f"deadline {deadline:%H:%M} reached before it started")
+            if cap.remaining() < _min_call_cost(loaded):
+                return skip(f"batch budget exhausted (${cap.remaining():.4f} left)")
+        elif spec.digest != item.spec_digest:
+            store.update_item(
+                item.batch_id,
+                item.position,
+                status="failed",
+                reason="the spec changed since its run started; use --new",
+            )
+            return None
+        run_id = item.run_id or new_run_id()
+        store.update_item(item.batch_id, item.position, status="running", run_id=run_id)
+        run_opts = RunOptions(
+            builders=options.builders,
+            budget_usd=options.per_spec_usd,
+            keep_worktrees=options.keep_worktrees,
+        )
+        try:
+            if item.run_id is None:
+                preflight(spec, loaded, repo)
+            result = await run_spec(
+                spec, loaded, repo, events, run_opts, run_id=run_id, shared=shared
+            )
+        except FlowError as err:
+            status = "skipped" if isinstance(err, WorkspaceError) else "failed"
+            store.update_item(
+                item.batch_id, item.position, status=status, reason=str(err).splitlines()[0]
+            )
+            return None
+        except Exception as err:  # one spec's crash must not stop the batch
+            store.update_item(
+                item.batch_id,
+                item.position,
+                status="failed",
+                reason=f"{type(err).__name__}: {err}"[:300],
+            )
+            return None
+        reason = None if result.outcome == "applied" else "no acceptable candidate"
+        store.update_item(item.batch_id, item.position, status=result.outcome, reason=reason)
+        return None

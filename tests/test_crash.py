@@ -1,0 +1,190 @@
+"""kill -9 a real `flow batch` at several points; the same command again finishes the work.
+
+The crashes come from the outside world, as they would overnight: a model (scripted) that
+takes its process down, a check command that kills its parent, a git hook that kills the
+process group right after the branch is written.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import git
+
+from orchestrator.demo import DemoPaths, prepare_demo
+
+DEMO = Path(__file__).resolve().parent.parent / "orchestrator" / "demo"
+
+CRASH_PY = """
+import os, signal
+from pathlib import Path
+from orchestrator.llm.scripted import ScriptedModel
+
+DEMO = Path({demo!r})
+
+
+def _kill_once():
+    mark = Path(os.environ["FLOW_TEST_CRASH_MARK"])
+    if not mark.exists():
+        mark.write_text("crashed")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _turns(messages):
+    return sum(1 for m in messages if m.role == "assistant")
+
+
+def planner_of_second_spec(messages, tools, tool_choice):
+    if "SPEC-NUMBER-1" in (messages[1].content or ""):
+        _kill_once()
+    return ScriptedModel("flash-sim", DEMO / "scripts" / "planner.yaml").reply(
+        messages, tools, tool_choice)
+
+
+def builder_mid_build(messages, tools, tool_choice):
+    if _turns(messages) == 2:
+        _kill_once()
+    return ScriptedModel("glm-sim", DEMO / "scripts" / "builder_good.yaml").reply(
+        messages, tools, tool_choice)
+
+
+def reviewer_mid_review(messages, tools, tool_choice):
+    _kill_once()
+    from orchestrator.demo.reviewers import strict_reviewer
+    return strict_reviewer(messages, tools, tool_choice)
+"""
+
+
+def setup(tmp_path: Path, point: str) -> tuple[DemoPaths, list[str], dict[str, str]]:
+    demo = prepare_demo(tmp_path)
+    crash = tmp_path / "crash.py"
+    crash.write_text(CRASH_PY.format(demo=str(DEMO)))
+    cfg = yaml.safe_load(demo.config.read_text())
+    models = cfg["models"]
+    if point == "between-specs":
+        models["flash-sim"]["script"] = f"{crash}:planner_of_second_spec"
+    elif point == "mid-build":
+        models["glm-sim"]["script"] = f"{crash}:builder_mid_build"
+    elif point == "mid-review":
+        models["gpt-sim"]["script"] = f"{crash}:reviewer_mid_review"
+    demo.config.write_text(yaml.safe_dump(cfg))
+    mark = tmp_path / "crashed.mark"
+    paths = []
+    for i in range(2):
+        text = demo.spec.read_text().replace("flow/add-median", f"flow/median-{i}")
+        text = text.replace("same style.", f"same style. SPEC-NUMBER-{i}")
+        if point == "during-checks" and i == 0:
+            kill = (
+                f"if [ ! -e {mark} ]; then touch {mark}; kill -9 $PPID; fi; python3 -m unittest -q"
+            )
+            text = text.replace("  - python3 -m unittest -q", f"  - '{kill}'")
+        path = demo.root / f"spec{i}.md"
+        path.write_text(text)
+        paths.append(str(path))
+    if point == "after-branch-written":
+        hook = demo.repo / ".git" / "hooks" / "reference-transaction"
+        hook.write_text(
+            "#!/bin/sh\n"
+            f'if [ "$1" = committed ] && [ ! -e {mark} ] && grep -q refs/heads/flow/; then\n'
+            f"  touch {mark}; kill -9 -$(ps -o pgid= $$ | tr -d ' ')\nfi\n"
+        )
+        hook.chmod(0o755)
+    env = {
+        **os.environ,
+        "FLOW_TEST_CRASH_MARK": str(mark),
+        "FLOW_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    return demo, paths, env
+
+
+def flow_batch(demo: DemoPaths, paths: list[str], env: dict[str, str]) -> int:
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "batch",
+        *paths,
+        "--budget",
+        "5",
+        "--config",
+        str(demo.config),
+        "--parallel",
+        "1",
+        "--json",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=demo.repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        start_new_session=True,
+    )
+    return proc.returncode
+
+
+def ledger_rows(demo: DemoPaths) -> list[tuple[str, str, str, float]]:
+    db = sqlite3.connect(demo.repo / ".flow" / "ledger.sqlite")
+    try:
+        return db.execute("SELECT run_id, outcome, request_key, cost_usd FROM calls").fetchall()
+    finally:
+        db.close()
+
+
+def runs(demo: DemoPaths) -> list[tuple[str, str]]:
+    db = sqlite3.connect(demo.repo / ".flow" / "ledger.sqlite")
+    try:
+        return db.execute("SELECT run_id, status FROM runs ORDER BY started").fetchall()
+    finally:
+        db.close()
+
+
+POINTS = ["between-specs", "mid-build", "during-checks", "mid-review", "after-branch-written"]
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_kill_and_rerun_finishes_the_batch(tmp_path: Path, point: str) -> None:
+    demo, paths, env = setup(tmp_path, point)
+    base = git(demo.repo, "rev-parse", "HEAD")
+
+    first = flow_batch(demo, paths, env)
+    assert first == -signal.SIGKILL, f"the {point} crash did not happen (exit {first})"
+    assert (tmp_path / "crashed.mark").exists()
+    rows_before = ledger_rows(demo)
+    runs_before = runs(demo)
+
+    second = flow_batch(demo, paths, env)
+    assert second == 0
+
+    # Every spec is applied exactly once, on its own branch, on top of the base.
+    for i in range(2):
+        branch = f"flow/median-{i}"
+        assert git(demo.repo, "rev-parse", f"{branch}^") == base
+        assert "def median" in git(demo.repo, "show", f"{branch}:stats.py")
+    assert len(git(demo.repo, "for-each-ref", "refs/heads/flow/").splitlines()) == 2
+    # One run per spec: the interrupted one was resumed under its id, none started over.
+    final_runs = runs(demo)
+    assert len(final_runs) == 2 and {s for _, s in final_runs} == {"applied"}
+    assert {r for r, _ in runs_before} <= {r for r, _ in final_runs}
+    # No response already received was paid for again.
+    rows = ledger_rows(demo)
+    paid = Counter(key for _, outcome, key, _ in rows if outcome == "ok")
+    assert all(n == 1 for n in paid.values()), [k for k, n in paid.items() if n > 1]
+    finished_before = {r for r, s in runs_before if s == "applied"}
+    assert [r for r in rows if r[0] in finished_before] == [
+        r for r in rows_before if r[0] in finished_before
+    ]  # finished specs were not re-run
+    # Nothing left behind: no checkouts, no half-made branch.
+    leftovers = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert leftovers == []
+    if point == "mid-build":
+        assert any(outcome == "replayed" for _, outcome, _, _ in rows)
