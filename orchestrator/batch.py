@@ -33,6 +33,7 @@ from orchestrator.workspace import Repo
 
 if TYPE_CHECKING:
     from orchestrator.budget import Cap
+    from orchestrator.layers import Layers
 
 FINISHED = ("applied", "nothing", "failed", "skipped")
 PROMPT_ALLOWANCE_TOKENS = 8_000
@@ -47,6 +48,9 @@ class BatchOptions(BaseModel):
     builders: int | None = None
     keep_worktrees: bool = False
     new: bool = False
+    config: str | None = None
+    profile: str | None = None
+    sets: list[str] = []
 
 
 class BatchResult(BaseModel):
@@ -139,18 +143,24 @@ def _open(
 
 async def run_batch(
     spec_paths: list[Path],
-    loaded: LoadedConfig,
+    config: Layers | LoadedConfig,
     repo: Repo,
     events: EventSink,
     options: BatchOptions,
     *,
     resume_id: str | None = None,
 ) -> BatchResult:
+    """Run the specs; with `Layers`, each spec's `models:` front matter applies to its run."""
     from orchestrator.budget import Cap
     from orchestrator.ledger import Ledger
 
     # Every spec is valid before anything starts; paths are absolute so resume works anywhere.
     specs = [load_spec(p.resolve()) for p in spec_paths]
+    if isinstance(config, LoadedConfig):
+        loaded, per_spec = config, {str(s.path): config for s in specs}
+    else:
+        loaded = config.resolve()
+        per_spec = {str(s.path): config.resolve(s.models, f"{s.path}: models") for s in specs}
     deadline = parse_until(options.until)
     fdir = flow_dir(repo)
     store = Store(fdir / "ledger.sqlite")
@@ -178,7 +188,7 @@ async def run_batch(
                 _one(
                     item,
                     by_path.get(item.spec_path),
-                    loaded,
+                    per_spec.get(item.spec_path, loaded),
                     repo,
                     events,
                     options,
@@ -258,6 +268,9 @@ async def _one(
             builders=options.builders,
             budget_usd=options.per_spec_usd,
             keep_worktrees=options.keep_worktrees,
+            config=options.config,
+            profile=options.profile,
+            sets=options.sets,
         )
         try:
             if item.run_id is None:

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import sys
 import traceback
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
 from orchestrator.errors import FlowError
+
+if TYPE_CHECKING:
+    from orchestrator.layers import Layers
+    from orchestrator.protocols import EventSink
+    from orchestrator.workspace import Repo
+
+T = TypeVar("T")
 
 app = typer.Typer(
     name="flow",
@@ -18,11 +26,26 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Turn a written spec into a reviewed commit on a new git branch.",
 )
+config_app = typer.Typer(help="Inspect the merged configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
 
 ConfigOpt = Annotated[
     Path | None,
     typer.Option(
-        "--config", "-c", help="agents.yaml to use (default: agents.yaml at the repository root)"
+        "--config",
+        "-c",
+        help="agents.yaml (default: agents.yaml at the repository "
+        "root, over ~/.config/flow/agents.yaml)",
+    ),
+]
+ProfileOpt = Annotated[
+    str | None, typer.Option("--profile", "-p", help="a named stage assignment from `profiles:`")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="override one value, e.g. --set budget.per_run_usd=5 (repeatable; applied last)",
     ),
 ]
 RepoOpt = Annotated[
@@ -31,6 +54,7 @@ RepoOpt = Annotated[
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="print JSON-lines events instead of the live view")
 ]
+KeepOpt = Annotated[bool, typer.Option("--keep", help="keep the builders' checkouts")]
 
 
 @app.callback()
@@ -38,104 +62,118 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")
     """Turn a written spec into a reviewed commit on a new git branch."""
 
 
-def _config_path(config: Path | None, repo_root: Path) -> Path:
-    return config if config is not None else repo_root / "agents.yaml"
+def _repo(repo: Path | None) -> Repo:
+    from orchestrator.workspace import Repo
+
+    return Repo.open(repo or Path.cwd())
+
+
+def _layers(
+    repository: Repo, config: Path | None, profile: str | None, sets: list[str] | None
+) -> Layers:
+    from orchestrator.layers import Layers
+
+    return Layers.discover(repository.root, config, profile, sets or [])
+
+
+def _live(as_json: bool, is_batch: bool, job: Callable[[EventSink], Awaitable[T]]) -> T:
+    """Run `job(sink)` to completion under the live view (or the JSON-lines sink)."""
+    import asyncio
+
+    from rich.console import Console
+
+    from orchestrator.ui import BatchView, JsonSink, LiveView
+
+    async def go() -> T:
+        if as_json:
+            return await job(JsonSink())
+        view = BatchView(Console()) if is_batch else LiveView(Console())
+        with view:
+            return await job(view)
+
+    return asyncio.run(go())
 
 
 @app.command()
 def validate(
     specs: Annotated[list[Path], typer.Argument(help="spec files or OpenSpec change folders")],
     config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
     repo: RepoOpt = None,
 ) -> None:
-    """Check specs and the config without calling any model."""
-    from orchestrator.config import load_config, resolve_api_key
+    """Check specs, the merged config and its keys without calling any model."""
+    from orchestrator.config import resolve_api_key
     from orchestrator.spec import load_spec
-    from orchestrator.workspace import Repo
 
-    repository = Repo.open(repo or Path.cwd())
-    loaded = load_config(_config_path(config, repository.root))
-    for model in loaded.models.values():
-        resolve_api_key(model)
+    repository = _repo(repo)
+    layers = _layers(repository, config, profile, set_)
+    loaded = layers.resolve()
     for path in specs:
         spec = load_spec(path)
         repository.resolve(spec.base or "HEAD")
+        loaded = layers.resolve(spec.models, f"{path}: models")
+        for model in loaded.models.values():
+            resolve_api_key(model)
         slots = loaded.builder_slots(spec.builders)
         typer.echo(
             f"ok  {path}: {spec.title!r} → {spec.branch}; {len(slots)} builders, "
             f"{len(spec.checks)} checks, {len(spec.requirements)} requirements"
         )
+    for model in loaded.models.values():
+        resolve_api_key(model)
     typer.echo(
-        f"ok  {loaded.path}: {len(loaded.models)} models, "
+        f"ok  {loaded.path or 'config'}: {len(loaded.models)} models, "
         f"{len(loaded.config.stages.reviewers)} reviewers"
     )
-
-
-def _execute(
-    spec_path: Path,
-    config: Path | None,
-    repo: Path | None,
-    *,
-    builders: int | None,
-    budget: float | None,
-    as_json: bool,
-    keep: bool,
-) -> int:
-    import asyncio
-
-    from rich.console import Console
-
-    from orchestrator.config import load_config
-    from orchestrator.runner import RunOptions, run_spec
-    from orchestrator.spec import load_spec
-    from orchestrator.ui import JsonSink, LiveView
-    from orchestrator.workspace import Repo
-
-    repository = Repo.open(repo or Path.cwd())
-    spec = load_spec(spec_path)
-    loaded = load_config(_config_path(config, repository.root))
-    options = RunOptions(builders=builders, budget_usd=budget, keep_worktrees=keep)
-    if as_json:
-        result = asyncio.run(run_spec(spec, loaded, repository, JsonSink(), options))
-    else:
-        with LiveView(Console(stderr=False)) as view:
-            result = asyncio.run(run_spec(spec, loaded, repository, view, options))
-    return result.exit_code
 
 
 @app.command()
 def run(
     spec: Annotated[Path, typer.Argument(help="the spec file (or OpenSpec change folder)")],
     config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
     repo: RepoOpt = None,
     builders: Annotated[int | None, typer.Option(min=1, max=32, help="number of builders")] = None,
     budget: Annotated[float | None, typer.Option(min=0, help="hard cap for this run, USD")] = None,
     as_json: JsonOpt = False,
-    keep: Annotated[bool, typer.Option("--keep", help="keep the worktrees")] = False,
+    keep: KeepOpt = False,
 ) -> None:
     """Run one spec end to end: plan, build ×N, check, review, select, commit to a branch."""
-    raise typer.Exit(
-        _execute(spec, config, repo, builders=builders, budget=budget, as_json=as_json, keep=keep)
+    from orchestrator.runner import RunOptions, run_spec
+    from orchestrator.spec import load_spec
+
+    repository = _repo(repo)
+    parsed = load_spec(spec)
+    layers = _layers(repository, config, profile, set_)
+    loaded = layers.resolve(parsed.models, f"{spec}: models")
+    options = RunOptions(
+        builders=builders,
+        budget_usd=budget,
+        keep_worktrees=keep,
+        config=str(layers.repo_config) if layers.repo_config else None,
+        profile=profile,
+        sets=set_ or [],
     )
+    result = _live(as_json, False, lambda sink: run_spec(parsed, loaded, repository, sink, options))
+    raise typer.Exit(result.exit_code)
 
 
 @app.command()
-def demo(
-    as_json: JsonOpt = False,
-    keep: Annotated[bool, typer.Option("--keep", help="keep the worktrees")] = False,
-) -> None:
+def demo(as_json: JsonOpt = False, keep: KeepOpt = False) -> None:
     """Run the whole pipeline offline on a bundled example, with scripted models."""
     from orchestrator.demo import prepare_demo
 
     where = prepare_demo()
     if not as_json:
         typer.echo(f"demo repository: {where.repo}")
-    code = _execute(
-        where.spec, where.config, where.repo, builders=None, budget=None, as_json=as_json, keep=keep
-    )
-    if not as_json:
-        typer.echo(f"inspect it: git -C {where.repo} log --stat {where.branch}")
-    raise typer.Exit(0 if code == 0 else code)
+    try:
+        run(where.spec, config=where.config, repo=where.repo, as_json=as_json, keep=keep)
+    except typer.Exit as done:
+        if not as_json:
+            typer.echo(f"inspect it: git -C {where.repo} log --stat {where.branch}")
+        raise typer.Exit(done.exit_code) from None
 
 
 @app.command()
@@ -144,22 +182,22 @@ def batch(
     budget: Annotated[float, typer.Option(min=0, help="hard cap for the whole batch, USD")],
     per_spec: Annotated[float | None, typer.Option(min=0, help="hard cap per spec, USD")] = None,
     parallel: Annotated[int, typer.Option(min=1, max=64, help="specs run at once")] = 2,
-    until: Annotated[str | None, typer.Option(help="start no new spec after HH:MM")] = None,
+    until: Annotated[
+        str | None, typer.Option(help="start no new spec after HH:MM (or an ISO date and time)")
+    ] = None,
     builders: Annotated[int | None, typer.Option(min=1, max=32)] = None,
     config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
     repo: RepoOpt = None,
     as_json: JsonOpt = False,
     new: Annotated[bool, typer.Option("--new", help="start over instead of resuming")] = False,
 ) -> None:
     """Run many specs under one budget; running the same command again resumes it."""
-    import asyncio
-
     from orchestrator.batch import BatchOptions, run_batch
-    from orchestrator.config import load_config
-    from orchestrator.workspace import Repo
 
-    repository = Repo.open(repo or Path.cwd())
-    loaded = load_config(_config_path(config, repository.root))
+    repository = _repo(repo)
+    layers = _layers(repository, config, profile, set_)
     options = BatchOptions(
         budget_usd=budget,
         per_spec_usd=per_spec,
@@ -167,27 +205,12 @@ def batch(
         until=until,
         builders=builders,
         new=new,
+        config=str(layers.repo_config) if layers.repo_config else None,
+        profile=profile,
+        sets=set_ or [],
     )
-    result = asyncio.run(
-        _with_view(as_json, True, lambda sink: run_batch(specs, loaded, repository, sink, options))
-    )
+    result = _live(as_json, True, lambda sink: run_batch(specs, layers, repository, sink, options))
     raise typer.Exit(result.exit_code)
-
-
-def _with_view(as_json: bool, is_batch: bool, job: Any) -> Any:
-    """Run `job(sink)` under the live view (or the JSON-lines sink)."""
-    from rich.console import Console
-
-    from orchestrator.ui import BatchView, JsonSink, LiveView
-
-    async def go() -> Any:
-        if as_json:
-            return await job(JsonSink())
-        view = BatchView(Console()) if is_batch else LiveView(Console())
-        with view:
-            return await job(view)
-
-    return go()
 
 
 @app.command()
@@ -197,16 +220,12 @@ def resume(
     as_json: JsonOpt = False,
 ) -> None:
     """Finish an interrupted run or batch; finished work is not redone or paid for again."""
-    import asyncio
-
     from orchestrator.batch import BatchOptions, run_batch
-    from orchestrator.config import load_config
     from orchestrator.runner import RunOptions, flow_dir, run_spec
     from orchestrator.spec import load_spec
     from orchestrator.store import Store
-    from orchestrator.workspace import Repo
 
-    repository = Repo.open(repo or Path.cwd())
+    repository = _repo(repo)
     store = Store(flow_dir(repository) / "ledger.sqlite")
     try:
         run_rec, batch_rec = store.run(run_id), store.batch(run_id)
@@ -214,23 +233,24 @@ def resume(
     finally:
         store.close()
     if batch_rec is not None:
-        if not batch_rec.config_path:
-            raise FlowError(f"batch {run_id} has no recorded config; run `flow batch` again")
-        loaded = load_config(Path(batch_rec.config_path))
         options = BatchOptions(**{**batch_rec.options, "new": False})
+        layers = _layers(
+            repository,
+            Path(options.config) if options.config else None,
+            options.profile,
+            options.sets,
+        )
         paths = [Path(i.spec_path) for i in items]
-        result = asyncio.run(
-            _with_view(
-                as_json,
-                True,
-                lambda sink: run_batch(paths, loaded, repository, sink, options, resume_id=run_id),
-            )
+        result = _live(
+            as_json,
+            True,
+            lambda sink: run_batch(paths, layers, repository, sink, options, resume_id=run_id),
         )
         raise typer.Exit(result.exit_code)
     if run_rec is None:
         raise FlowError(f"no run or batch {run_id!r} in {repository.root}; see `flow status`")
-    if run_rec.status != "running" and run_rec.live_status != "interrupted":
-        typer.echo(f"run {run_id} already finished: {run_rec.status}")
+    if run_rec.live_status != "interrupted":
+        typer.echo(f"run {run_id} is {run_rec.live_status}; nothing to resume")
         raise typer.Exit(0 if run_rec.status == "applied" else 1)
     spec = load_spec(Path(run_rec.spec_path))
     if spec.digest != run_rec.spec_digest:
@@ -238,16 +258,17 @@ def resume(
             f"{run_rec.spec_path}: changed since run {run_id} started; "
             "restore it or start a new run"
         )
-    if not run_rec.config_path:
-        raise FlowError(f"run {run_id} has no recorded config; start a new run")
-    loaded = load_config(Path(run_rec.config_path))
     run_options = RunOptions(**run_rec.options)
-    res = asyncio.run(
-        _with_view(
-            as_json,
-            False,
-            lambda sink: run_spec(spec, loaded, repository, sink, run_options, run_id=run_id),
-        )
+    loaded = _layers(
+        repository,
+        Path(run_options.config) if run_options.config else None,
+        run_options.profile,
+        run_options.sets,
+    ).resolve(spec.models)
+    res = _live(
+        as_json,
+        False,
+        lambda sink: run_spec(spec, loaded, repository, sink, run_options, run_id=run_id),
     )
     raise typer.Exit(res.exit_code)
 
@@ -262,9 +283,8 @@ def status(repo: RepoOpt = None, as_json: JsonOpt = False) -> None:
     from orchestrator.runner import flow_dir
     from orchestrator.store import Store
     from orchestrator.ui import status_tables
-    from orchestrator.workspace import Repo
 
-    repository = Repo.open(repo or Path.cwd())
+    repository = _repo(repo)
     store = Store(flow_dir(repository) / "ledger.sqlite")
     try:
         runs, batches = store.runs(limit=30), store.batches(limit=10)
@@ -295,10 +315,8 @@ def report(
     from orchestrator.report import write_batch_report
     from orchestrator.runner import flow_dir
     from orchestrator.store import Store
-    from orchestrator.workspace import Repo
 
-    repository = Repo.open(repo or Path.cwd())
-    fdir = flow_dir(repository)
+    fdir = flow_dir(_repo(repo))
     path = fdir / "runs" / run_id / "report.md"
     if not path.exists():
         store, ledger = Store(fdir / "ledger.sqlite"), Ledger(fdir / "ledger.sqlite")
@@ -316,6 +334,54 @@ def report(
         Console().print(Markdown(text))
 
 
+@config_app.command("show")
+def config_show(
+    spec: Annotated[Path | None, typer.Argument(help="also apply this spec's `models:`")] = None,
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    repo: RepoOpt = None,
+) -> None:
+    """Print the merged configuration, each value with the layer it came from."""
+    from orchestrator.spec import load_spec
+
+    layers = _layers(_repo(repo), config, profile, set_)
+    models = load_spec(spec).models if spec is not None else None
+    layers.resolve(models)  # what is shown is valid
+    rows = [(f"{key} = {value}", source) for key, value, source in layers.show(models)]
+    width = max(len(left) for left, _ in rows)
+    for left, source in rows:
+        typer.echo(f"{left.ljust(width)}  # {source}")
+
+
+@app.command()
+def models(
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    repo: RepoOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The merged model catalog: provider, protocol, prices, limits, and warnings."""
+    import json
+
+    from rich.console import Console
+
+    from orchestrator.catalog_view import catalog_rows, catalog_table
+
+    layers = _layers(_repo(repo), config, profile, set_)
+    rows = catalog_rows(layers.resolve())
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row.model_dump()))
+        return
+    console = Console(width=max(120, Console().width))
+    console.print(catalog_table(rows))
+    for row in rows:
+        for warning in row.warnings:
+            console.print(f"[yellow]warning[/]: {row.name}: {warning}")
+
+
 def main() -> None:
     debug = "--debug" in sys.argv
     try:
@@ -326,5 +392,5 @@ def main() -> None:
         typer.echo(f"flow: {err}", err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
-        typer.echo("flow: interrupted", err=True)
+        typer.echo("flow: interrupted; `flow status` lists what can be resumed", err=True)
         sys.exit(130)

@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from orchestrator import catalog
 from orchestrator.errors import ConfigError
+from orchestrator.llm.quirks import DEFAULTS as DEFAULT_QUIRKS
+from orchestrator.llm.quirks import Quirks, ResolvedQuirks, effective_quirks
 
 SCRIPTED_PREFIX = "scripted/"
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
@@ -42,6 +44,8 @@ class Provider(_Strict):
     """Per-request timeout in seconds."""
     retries: int = Field(default=3, ge=0)
     """Retries for rate limits and server errors."""
+    quirks: Quirks | None = None
+    """Request quirks for every model of this provider (over the preset for its name/host)."""
 
 
 class Price(_Strict):
@@ -63,6 +67,8 @@ class ModelConfig(_Strict):
     context_window: int | None = Field(default=None, ge=1)
     script: str | None = None
     """For `scripted/…` ids: a YAML script path or `module:function` (relative to agents.yaml)."""
+    quirks: Quirks | None = None
+    """Request quirks for this model (over its provider's)."""
 
 
 class ModelRef(_Strict):
@@ -137,6 +143,8 @@ class ResolvedModel(BaseModel):
     max_output_tokens: int
     context_window: int | None
     script: Path | str | None = None
+    quirks: ResolvedQuirks = DEFAULT_QUIRKS
+    """Effective request quirks (fully resolved)."""
 
     @property
     def scripted(self) -> bool:
@@ -168,6 +176,25 @@ class LoadedConfig(BaseModel):
 
 def _per_token(per_million: float) -> float:
     return per_million / 1_000_000
+
+
+def _quirks(
+    model: ModelConfig, provider: Provider | None, litellm_model: str, entry: dict[str, Any] | None
+) -> ResolvedQuirks:
+    """Preset (by provider name, base_url host, model id) < provider quirks < model quirks."""
+    if provider is not None:
+        vendor = model.provider
+    else:
+        vendor = str(entry.get("litellm_provider", "")) if entry else ""
+        vendor = vendor or model.id.split("/", 1)[0]
+    return effective_quirks(
+        vendor,
+        provider.base_url if provider else None,
+        model.id,
+        provider.quirks if provider else None,
+        model.quirks,
+        api="anthropic" if litellm_model.startswith("anthropic/") else "openai",
+    )
 
 
 def _resolve(name: str, model: ModelConfig, config: Config, base: Path | None) -> ResolvedModel:
@@ -215,6 +242,7 @@ def _resolve(name: str, model: ModelConfig, config: Config, base: Path | None) -
     window = model.context_window or (
         int(entry["max_input_tokens"]) if entry and entry.get("max_input_tokens") else None
     )
+    quirks = _quirks(model, provider, litellm_model, entry)
     return ResolvedModel(
         name=name,
         litellm_model=litellm_model,
@@ -230,6 +258,7 @@ def _resolve(name: str, model: ModelConfig, config: Config, base: Path | None) -
         max_output_tokens=limit,
         context_window=window,
         script=script,
+        quirks=quirks,
     )
 
 

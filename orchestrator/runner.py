@@ -60,6 +60,10 @@ class RunOptions(BaseModel):
     budget_usd: float | None = None
     keep_worktrees: bool = False
     max_concurrency: int = 16
+    config: str | None = None
+    """The agents.yaml the run was started with, with `profile` and `sets`: enough to resume."""
+    profile: str | None = None
+    sets: list[str] = []
 
 
 class RunResult(BaseModel):

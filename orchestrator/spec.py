@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orchestrator.errors import SpecError
 
-FRONT_MATTER_KEYS = ("title", "checks", "base", "branch", "builders")
+FRONT_MATTER_KEYS = ("title", "checks", "base", "branch", "builders", "models")
 SLUG_MAX = 60
 
 _HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
@@ -35,6 +35,7 @@ _EXPECTED = {
     "base": "expected a git revision such as main or a commit sha (quote it if it looks numeric)",
     "branch": "expected a git branch name such as flow/my-change",
     "builders": "expected an integer from 1 to 32",
+    "models": "expected a mapping of stages (planner, builders, reviewers) to model names",
 }
 
 
@@ -77,6 +78,8 @@ class Spec(BaseModel):
     branch: str
     builders: int | None
     """Overrides the configured builder count."""
+    models: dict[str, Any] | None = None
+    """Per-stage model overrides (`planner`, `builders`, `reviewers`), a config layer."""
     requirements: list[Requirement]
     digest: str
     """sha256 of the raw bytes of every file read, so a resumed run can tell the spec changed."""
@@ -94,6 +97,7 @@ class FrontMatter(BaseModel):
     branch: str | None = None
     """Defaults to flow/<slug of title>."""
     builders: int | None = Field(default=None, ge=1, le=32, strict=True)
+    models: dict[str, Any] | None = None
 
     @field_validator("checks", mode="before")
     @classmethod
@@ -430,6 +434,7 @@ def _make_spec(
         base=front.base,
         branch=front.branch or f"flow/{slug}",
         builders=front.builders,
+        models=front.models,
         requirements=requirements,
         digest=digest,
     )

@@ -28,6 +28,7 @@ from orchestrator.ledger import Ledger
 from orchestrator.llm import wire
 from orchestrator.llm.limits import Limiter
 from orchestrator.llm.messages import Completion, Message, ToolSpec, Usage
+from orchestrator.llm.quirks import quirk_hint
 from orchestrator.llm.scripted import ScriptedModel
 from orchestrator.protocols import EventSink, NullSink
 from orchestrator.redact import Redactor
@@ -67,6 +68,17 @@ def cost_of(rm: ResolvedModel, usage: Usage) -> float:
         + cached * rm.cached_per_token
         + usage.completion_tokens * rm.output_per_token
     )
+
+
+def _api_base(rm: ResolvedModel) -> str | None:
+    """The endpoint for litellm; it appends `/v1/messages` to an Anthropic-protocol base."""
+    base = rm.base_url
+    if base and rm.api == "anthropic":
+        trimmed = base.rstrip("/")
+        # A base copied in OpenAI style (…/v1) would otherwise become …/v1/v1/messages.
+        if trimmed.endswith("/v1"):
+            return trimmed[: -len("/v1")]
+    return base
 
 
 class Door:
@@ -196,21 +208,22 @@ class Door:
     ) -> tuple[Message, Usage]:
         if rm.scripted:
             return self._script(rm).reply(messages, tools, tool_choice)
+        quirks = rm.quirks
         kwargs: dict[str, object] = {
             "model": rm.litellm_model,
-            "messages": wire.messages_to_wire(messages),
-            "max_tokens": rm.max_output_tokens,
+            "messages": wire.messages_to_wire(messages, quirks),
+            **wire.limit_params(quirks, rm.max_output_tokens),
             "timeout": provider.timeout_s,
             "num_retries": 0,  # retries happen here, where the budget and ledger can see them
             "drop_params": True,
         }
         if tools:
-            kwargs["tools"] = wire.tools_to_wire(tools)
+            kwargs["tools"] = wire.tools_to_wire(tools, quirks)
             if tool_choice is not None:
                 kwargs["tool_choice"] = wire.tool_choice_to_wire(tool_choice)
         if rm.api != "litellm":
             if rm.base_url:
-                kwargs["api_base"] = rm.base_url
+                kwargs["api_base"] = _api_base(rm)
             if key is None and rm.api == "openai":
                 key = "sk-none"  # local OpenAI-compatible servers want some key
         if key is not None:
@@ -241,8 +254,11 @@ class Door:
                 status=status,
             )
         detail = self._redact(failure.message)[:300]
+        hint = quirk_hint(failure.message, rm.quirks) if status in (400, 422) else None
+        where = f"providers.{rm.provider}" if rm.provider else f"models.{rm.name}"
+        advice = f"; this endpoint may need `quirks: {{{hint}}}` under {where}" if hint else ""
         return ProviderError(
-            f"{rm.name}: provider call failed (HTTP {status or '-'}): {detail}",
+            f"{rm.name}: provider call failed (HTTP {status or '-'}): {detail}{advice}",
             retryable=failure.retryable,
             status=status,
         )

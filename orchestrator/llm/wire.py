@@ -12,14 +12,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.llm.messages import Message, ToolCall, ToolSpec, Usage
+from orchestrator.llm.quirks import DEFAULTS, ResolvedQuirks, normalize_schema
 
 TOOL_CHOICE_KEYWORDS = ("auto", "required", "none")
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 AUTH_STATUSES = frozenset({401, 403})
 RETRY_AFTER_CAP_S = 120.0
+# Assistant fields that carry reasoning, besides `reasoning_content`.
+REASONING_FIELDS = ("thinking_blocks", "reasoning_details")
 
 
-def message_to_wire(message: Message) -> dict[str, Any]:
+def message_to_wire(message: Message, quirks: ResolvedQuirks = DEFAULTS) -> dict[str, Any]:
     """One message as the OpenAI chat format; assistant reasoning travels back verbatim."""
     out: dict[str, Any] = {"role": message.role, "content": message.content}
     if message.role == "tool":
@@ -36,17 +39,46 @@ def message_to_wire(message: Message) -> dict[str, Any]:
             {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
             for c in message.tool_calls
         ]
-    # DeepSeek, Kimi and MiniMax answer 400 when a tool-calling turn's reasoning is dropped;
-    # Anthropic wants its signed thinking blocks back unchanged.
-    if message.reasoning_content is not None:
-        out["reasoning_content"] = message.reasoning_content
-    for key, value in message.provider_fields.items():
+    extra = dict(message.provider_fields)
+    if quirks.reasoning_passback:
+        # DeepSeek, Kimi and MiniMax answer 400 when a tool-calling turn's reasoning is dropped;
+        # Anthropic wants its signed thinking blocks back unchanged.
+        if message.reasoning_content is not None:
+            out["reasoning_content"] = message.reasoning_content
+    else:
+        for key in REASONING_FIELDS:
+            extra.pop(key, None)
+    for key, value in extra.items():
         out.setdefault(key, value)
     return out
 
 
-def messages_to_wire(messages: list[Message]) -> list[dict[str, Any]]:
-    return [message_to_wire(m) for m in messages]
+def messages_to_wire(
+    messages: list[Message], quirks: ResolvedQuirks = DEFAULTS
+) -> list[dict[str, Any]]:
+    """The conversation in OpenAI chat format, shaped by the endpoint's quirks."""
+    out = [message_to_wire(m, quirks) for m in messages]
+    if quirks.system_role == "developer":
+        for m in out:
+            if m["role"] == "system":
+                m["role"] = "developer"
+    elif quirks.system_role == "user":
+        out = _fold_system(out)
+    return out
+
+
+def _fold_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """System prompts prepended to the first user message, for endpoints without the role."""
+    texts = [str(m["content"]) for m in messages if m["role"] == "system" and m["content"]]
+    rest = [m for m in messages if m["role"] != "system"]
+    if not texts:
+        return rest
+    prefix = "\n\n".join(texts)
+    for m in rest:
+        if m["role"] == "user":
+            m["content"] = f"{prefix}\n\n{m['content']}" if m["content"] else prefix
+            return rest
+    return [{"role": "user", "content": prefix}, *rest]
 
 
 def _text(content: Any) -> str | None:
@@ -73,8 +105,14 @@ def message_from_wire(data: dict[str, Any]) -> Message:
             )
         )
     extra: dict[str, Any] = {}
-    if data.get("role") == "assistant" and data.get("thinking_blocks"):
-        extra["thinking_blocks"] = data["thinking_blocks"]
+    if data.get("role") == "assistant":
+        # litellm keeps Anthropic thinking blocks on the message and OpenRouter/MiniMax
+        # `reasoning_details` under provider_specific_fields; both must be sent back.
+        nested = data.get("provider_specific_fields") or {}
+        for key in REASONING_FIELDS:
+            value = data.get(key) or (nested.get(key) if isinstance(nested, dict) else None)
+            if value:
+                extra[key] = value
     return Message(
         role=data.get("role", "assistant"),
         content=_text(data.get("content")),
@@ -86,16 +124,39 @@ def message_from_wire(data: dict[str, Any]) -> Message:
     )
 
 
-def tools_to_wire(tools: list[ToolSpec] | None) -> list[dict[str, Any]] | None:
+def tools_to_wire(
+    tools: list[ToolSpec] | None, quirks: ResolvedQuirks = DEFAULTS
+) -> list[dict[str, Any]] | None:
     if not tools:
         return None
-    return [
-        {
-            "type": "function",
-            "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+    out = []
+    for t in tools:
+        params = normalize_schema(t.parameters) if quirks.normalize_tool_schema else t.parameters
+        function: dict[str, Any] = {
+            "name": t.name,
+            "description": t.description,
+            "parameters": params,
         }
-        for t in tools
-    ]
+        if quirks.strict_tools:
+            function["strict"] = True
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def limit_params(quirks: ResolvedQuirks, max_tokens: int) -> dict[str, Any]:
+    """The output-token limit and the reasoning effort, in the fields this endpoint accepts."""
+    params: dict[str, Any] = {quirks.max_tokens_param: max_tokens}
+    effort = quirks.reasoning_effort
+    if effort == "default":
+        return params
+    how = quirks.reasoning_effort_param
+    if how == "reasoning_effort":
+        params["reasoning_effort"] = effort
+    elif how == "reasoning":
+        params["extra_body"] = {"reasoning": {"effort": effort}}
+    elif how == "thinking":
+        params["extra_body"] = {"thinking": {"type": "enabled"}}
+    return params
 
 
 def tools_from_wire(tools: list[dict[str, Any]] | None) -> list[ToolSpec]:

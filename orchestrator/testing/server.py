@@ -1,10 +1,15 @@
-"""An OpenAI-compatible chat server on 127.0.0.1, for testing the real HTTP path through litellm.
+"""A chat server on 127.0.0.1, for testing the real HTTP path through litellm.
 
     with ChatServer(scripted_handler({"glm-4.7": model}), latency_s=0.1) as srv:
         ...  # call "openai/glm-4.7" with api_base=srv.base_url
 
 The handler maps a request's JSON to a response dict, or to a ServerReply sent as-is
 (status, body, headers) to inject faults such as 429 with Retry-After or 500.
+
+`rules` make the server behave like a particular provider: each looks at a request and,
+when it breaks that provider's rule, answers 400 with the provider's own error body. With
+`protocol="anthropic"` the server speaks the Anthropic Messages API instead
+(`orchestrator.testing.anthropic`); `base_url` is then what litellm's `anthropic/` wants.
 """
 
 from __future__ import annotations
@@ -13,10 +18,10 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Literal
 
 from orchestrator.llm import wire
 from orchestrator.llm.scripted import ScriptedModel
@@ -32,10 +37,26 @@ class ServerReply:
 
 
 Handler = Callable[[dict[str, Any]], "dict[str, Any] | ServerReply"]
+Rule = Callable[[dict[str, Any]], "ServerReply | None"]
+"""A provider's rule: None when the request keeps it, else the provider's 400."""
+Protocol = Literal["openai", "anthropic"]
+ROUTES: dict[Protocol, tuple[str, ...]] = {
+    "openai": ("/v1/chat/completions", "/chat/completions"),
+    "anthropic": ("/anthropic/v1/messages", "/v1/messages"),
+}
 
 
 def error_body(message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "code": None}}
+
+
+def anthropic_error(message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
+    """The Anthropic API's error body."""
+    return {
+        "type": "error",
+        "error": {"type": kind, "message": message},
+        "request_id": "req_011CTestRequest",
+    }
 
 
 def chat_response(
@@ -62,7 +83,11 @@ def scripted_handler(scripts: dict[str, ScriptedModel]) -> Handler:
         model = scripts.get(name)
         if model is None:
             return ServerReply(404, error_body(f"The model `{name}` does not exist", "not_found"))
-        messages = [wire.message_from_wire(m) for m in request.get("messages") or []]
+        # The scripted model sees a developer prompt as the system prompt it is.
+        messages = [
+            wire.message_from_wire({**m, "role": "system"} if m.get("role") == "developer" else m)
+            for m in request.get("messages") or []
+        ]
         tools = wire.tools_from_wire(request.get("tools"))
         choice = wire.tool_choice_from_wire(request.get("tool_choice"))
         message, usage = model.reply(messages, tools, choice)
@@ -107,14 +132,14 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         owner = self.server.owner
-        if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
-            self._send(ServerReply(404, error_body(f"no route {self.path}", "not_found")))
+        if self.path.rstrip("/") not in ROUTES[owner.protocol]:
+            self._send(ServerReply(404, owner.error(f"no route {self.path}", "not_found")))
             return
         length = int(self.headers.get("Content-Length") or 0)
         try:
             request = json.loads(self.rfile.read(length) or b"{}")
         except json.JSONDecodeError:
-            self._send(ServerReply(400, error_body("request body is not JSON")))
+            self._send(ServerReply(400, owner.error("request body is not JSON")))
             return
         self._send(owner.serve(request))
 
@@ -125,17 +150,22 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 class ChatServer:
-    """A threaded local chat-completions server; use as a context manager."""
+    """A threaded local chat server (one protocol per server); use as a context manager."""
 
     def __init__(
         self,
         handler: Handler,
         *,
+        rules: Sequence[Rule] = (),
+        protocol: Protocol = "openai",
         latency_s: float = 0.0,
         max_concurrency: int | None = None,
         retry_after_s: float = 1.0,
     ):
         self.handler = handler
+        self.rules = list(rules)
+        self.protocol: Protocol = protocol
+        self.refused: list[ServerReply] = []
         self.latency_s = latency_s
         self.max_concurrency = max_concurrency
         self.retry_after_s = retry_after_s
@@ -151,7 +181,16 @@ class ChatServer:
     def base_url(self) -> str:
         if self._httpd is None:
             raise RuntimeError("the server is not running")
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+        root = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        # litellm appends /chat/completions to an OpenAI base and /v1/messages to an
+        # Anthropic one; MiniMax and Kimi serve the latter under …/anthropic.
+        return f"{root}/anthropic" if self.protocol == "anthropic" else f"{root}/v1"
+
+    def error(self, message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
+        """An error body in this server's protocol."""
+        if self.protocol == "anthropic":
+            return anthropic_error(message, kind)
+        return error_body(message, kind)
 
     def start(self) -> ChatServer:
         httpd = _HTTPServer(("127.0.0.1", 0), _RequestHandler)
@@ -188,7 +227,7 @@ class ChatServer:
                 self.rejected += 1
                 return ServerReply(
                     429,
-                    error_body(
+                    self.error(
                         "Rate limit reached: too many requests in flight", "rate_limit_exceeded"
                     ),
                     {"Retry-After": f"{self.retry_after_s:g}"},
@@ -198,14 +237,238 @@ class ChatServer:
         try:
             if request.get("stream"):
                 return ServerReply(
-                    400, error_body("this test server does not stream; call without stream=true")
+                    400, self.error("this test server does not stream; call without stream=true")
                 )
+            for rule in self.rules:
+                refusal = rule(request)
+                if refusal is not None:
+                    with self._lock:
+                        self.refused.append(refusal)
+                    return refusal
             if self.latency_s:
                 time.sleep(self.latency_s)  # simulated model work, not synchronisation
             reply = self.handler(request)
             return reply if isinstance(reply, ServerReply) else ServerReply(200, reply)
         except Exception as err:  # a broken handler becomes a visible 500, not a hung client
-            return ServerReply(500, error_body(f"handler failed: {err!r}", "server_error"))
+            return ServerReply(500, self.error(f"handler failed: {err!r}", "server_error"))
         finally:
             with self._lock:
                 self._in_flight -= 1
+
+
+# ---- provider rules (OpenAI-compatible endpoints) ------------------------------------------
+# Each answers the way the real provider does; the texts come from public reports of the
+# provider's 400s (cited per rule). Envelope shapes follow the same reports.
+
+ReasoningStyle = Literal["deepseek", "moonshot", "minimax", "zhipu"]
+
+
+def _reasoning_refusal(style: ReasoningStyle, index: int) -> ServerReply:
+    if style == "deepseek":
+        # DeepSeek thinking mode; reported in hotovo/aider-desk#529, continuedev/continue#9831.
+        message = (
+            f"Missing `reasoning_content` field in the assistant message at message index "
+            f"{index}. For more information, please refer to "
+            "https://api-docs.deepseek.com/guides/thinking_mode#tool-calls"
+        )
+        body: dict[str, Any] = {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_request_error",
+            }
+        }
+        return ServerReply(400, body)
+    # Kimi (cloudwego/eino-ext#700, mastra-ai/mastra#12592); the same text is reported for
+    # GLM-5.1 (QuantumNous/new-api#4408). MiniMax's own wording is not public: the issue's.
+    message = (
+        f"thinking is enabled but reasoning_content is missing in assistant tool call message "
+        f"at index {index}"
+    )
+    if style == "minimax":
+        body = {
+            "error": {"message": message, "type": "bad_request_error", "param": "", "code": None}
+        }
+    elif style == "zhipu":
+        body = {"error": {"message": message, "type": "invalid_request_error"}, "type": "error"}
+    else:
+        body = {"error": {"message": message, "type": "invalid_request_error"}}
+    return ServerReply(400, body)
+
+
+def requires_reasoning(style: ReasoningStyle) -> Rule:
+    """Thinking is on: every assistant tool-call message must carry its `reasoning_content`."""
+
+    def rule(request: dict[str, Any]) -> ServerReply | None:
+        for i, m in enumerate(request.get("messages") or []):
+            tool_turn = m.get("role") == "assistant" and m.get("tool_calls")
+            if tool_turn and m.get("reasoning_content") is None:
+                return _reasoning_refusal(style, i)
+        return None
+
+    return rule
+
+
+def _mfjs_problem(node: Any, path: str, defs: dict[str, Any]) -> tuple[str, str] | None:
+    """The first thing Moonshot's "flavored JSON schema" validator rejects, as (path, problem)."""
+    if not isinstance(node, dict):
+        return None
+    where = path or "root"
+    ref = node.get("$ref")
+    if isinstance(ref, str):
+        if not ref.startswith("#/$defs/"):
+            return f"{path}.$ref".lstrip("."), "references must start with #/$defs/"
+        if ref.removeprefix("#/$defs/") not in defs:
+            return f"{path}.$ref".lstrip("."), f"$defs not found for reference: {ref}"
+        extra = sorted(k for k in node if k != "$ref")
+        if extra:
+            return where, f"conflicting keywords found after $ref expansion: {extra[0]}"
+        return None
+    branches = [k for k in ("anyOf", "oneOf") if isinstance(node.get(k), list)]
+    if branches and "type" in node:
+        return (
+            where,
+            "when using anyOf, type should be defined in anyOf items instead of the parent schema",
+        )
+    if not branches and "type" not in node:
+        return where, "type is not defined"
+    children: list[tuple[str, Any]] = []
+    for name, sub in (node.get("properties") or {}).items():
+        children.append((f"{path}.properties.{name}".lstrip("."), sub))
+    if isinstance(node.get("items"), dict):
+        children.append((f"{path}.items".lstrip("."), node["items"]))
+    for key in branches:
+        children += [(f"{path}.{key}.{i}".lstrip("."), b) for i, b in enumerate(node[key])]
+    for sub_path, sub in children:
+        found = _mfjs_problem(sub, sub_path, defs)
+        if found is not None:
+            return found
+    return None
+
+
+def moonshot_tool_schemas() -> Rule:
+    """Moonshot validates tool parameters as "Moonshot flavored JSON schema"."""
+
+    def rule(request: dict[str, Any]) -> ServerReply | None:
+        for tool in request.get("tools") or []:
+            params = (tool.get("function") or {}).get("parameters") or {}
+            if params.get("type") != "object":
+                # Reported in 14790897/MiqroForge-Desktop#1165 (a control request to Moonshot).
+                message = 'tools.function.parameters.type is required and must be "object"'
+            else:
+                defs = params.get("$defs")
+                found = _mfjs_problem(params, "", defs if isinstance(defs, dict) else {})
+                if found is None:
+                    continue
+                # MoonshotAI/kimi-cli#2030, CommandCodeAI/command-code#566 and #594,
+                # nicobailon/pi-subagents#127 (the last names the envelope).
+                message = (
+                    "Invalid request: tools.function.parameters is not a valid moonshot "
+                    f"flavored json schema, details: <At path '{found[0]}': {found[1]}>"
+                )
+            return ServerReply(
+                400, {"error": {"message": message, "type": "invalid_request_error"}}
+            )
+        return None
+
+    return rule
+
+
+def rejects_strict() -> Rule:
+    """A Gemini-backed gateway: `strict` is not a field of a function declaration."""
+
+    def rule(request: dict[str, Any]) -> ServerReply | None:
+        for i, tool in enumerate(request.get("tools") or []):
+            if "strict" in (tool.get("function") or {}):
+                # router-for-me/CLIProxyAPI#102, GewoonJaap/gemini-cli-openai#157.
+                message = (
+                    'Invalid JSON payload received. Unknown name "strict" at '
+                    f"'request.tools[0].function_declarations[{i}]': Cannot find field."
+                )
+                body = {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}}
+                return ServerReply(400, body)
+        return None
+
+    return rule
+
+
+def rejects_max_tokens() -> Rule:
+    """OpenAI reasoning models (o-series, gpt-5): only `max_completion_tokens`."""
+
+    def rule(request: dict[str, Any]) -> ServerReply | None:
+        if "max_tokens" not in request:
+            return None
+        # griptape-ai/ComfyUI-Griptape#312, ITSpecialist111/ai_automation_suggester#38.
+        message = (
+            "Unsupported parameter: 'max_tokens' is not supported with this model. "
+            "Use 'max_completion_tokens' instead."
+        )
+        body = {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": "max_tokens",
+                "code": "unsupported_parameter",
+            }
+        }
+        return ServerReply(400, body)
+
+    return rule
+
+
+def rejects_argument(name: str) -> Rule:
+    """OpenAI's answer to a body field the model does not take (e.g. `reasoning_effort`)."""
+
+    def rule(request: dict[str, Any]) -> ServerReply | None:
+        if name not in request:
+            return None
+        # davidmigloz/langchain_dart#712, AAswordman/Operit#1048 (gpt-4o, reasoning_effort).
+        message = f"Unrecognized request argument supplied: {name}"
+        body = {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+        }
+        return ServerReply(400, body)
+
+    return rule
+
+
+def rejects_role(role: Literal["developer", "system"]) -> Rule:
+    """`developer`: a gateway that knows only the classic roles; `system`: vLLM serving Gemma."""
+
+    def rule(request: dict[str, Any]) -> ServerReply | None:
+        for i, m in enumerate(request.get("messages") or []):
+            if m.get("role") != role:
+                continue
+            if role == "system":
+                # vllm-project/vllm#2964 (Gemma's chat template raises it).
+                body: dict[str, Any] = {
+                    "object": "error",
+                    "message": "System role not supported",
+                    "type": "BadRequestError",
+                    "param": None,
+                    "code": 400,
+                }
+            else:
+                # QuantumNous/new-api#5330 (a gateway in front of gpt-5.4).
+                message = (
+                    f"invalid parameter 'messages[{i}].role': invalid role 'developer', "
+                    "must be one of: system, user, assistant, tool"
+                )
+                body = {
+                    "error": {
+                        "message": message,
+                        "type": "gateway_error",
+                        "param": "",
+                        "code": "400002",
+                    }
+                }
+            return ServerReply(400, body)
+        return None
+
+    return rule
