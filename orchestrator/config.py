@@ -73,10 +73,12 @@ class ModelConfig(_Strict):
 
 class ModelRef(_Strict):
     model: str
+    fallbacks: list[str] = Field(default_factory=list)
+    """Models tried in order when this one keeps failing (rate limits past retries, server
+    errors, context window exceeded)."""
 
 
-class BuilderRef(_Strict):
-    model: str
+class BuilderRef(ModelRef):
     count: int = Field(default=1, ge=1, le=32)
 
 
@@ -117,12 +119,9 @@ class Config(_Strict):
                 raise ValueError(f"models.{name}.provider: unknown provider {model.provider!r}")
             if model.id.startswith(SCRIPTED_PREFIX) and not model.script:
                 raise ValueError(f"models.{name}.script: a scripted model needs a script")
-        refs = [("stages.planner", self.stages.planner.model)]
-        refs += [(f"stages.builders.{i}", b.model) for i, b in enumerate(self.stages.builders)]
-        refs += [(f"stages.reviewers.{i}", r.model) for i, r in enumerate(self.stages.reviewers)]
-        for where, ref in refs:
-            if ref not in self.models and "/" not in ref:
-                raise ValueError(f"{where}.model: unknown model {ref!r} (define it under models:)")
+        for where, ref in _stage_refs(self.stages):
+            if ref not in self.models and "/" not in ref and catalog.lookup(ref) is None:
+                raise ValueError(f"{where}: unknown model {ref!r} (define it under models:)")
         return self
 
 
@@ -172,6 +171,18 @@ class LoadedConfig(BaseModel):
         family = self.models[builder_model].family
         names = [r.model for r in self.config.stages.reviewers]
         return [n for n in names if self.models[n].family != family]
+
+    def fallback_chains(self) -> dict[tuple[str, str], list[str]]:
+        """(stage, model) → the models to try after it, from the stage entries."""
+        stages = self.config.stages
+        chains: dict[tuple[str, str], list[str]] = {}
+        entries: list[tuple[str, ModelRef]] = [("plan", stages.planner)]
+        entries += [("build", b) for b in stages.builders]
+        entries += [("review", r) for r in stages.reviewers]
+        for stage, ref in entries:
+            if ref.fallbacks:
+                chains[(stage, ref.model)] = list(ref.fallbacks)
+        return chains
 
 
 def _per_token(per_million: float) -> float:
@@ -275,11 +286,21 @@ def _check_reviewers(loaded: LoadedConfig) -> None:
             )
 
 
+def _stage_refs(stages: Stages) -> list[tuple[str, str]]:
+    """(key path, model name) of every model a stage names, fallbacks included."""
+    entries: list[tuple[str, ModelRef]] = [("stages.planner", stages.planner)]
+    entries += [(f"stages.builders.{i}", b) for i, b in enumerate(stages.builders)]
+    entries += [(f"stages.reviewers.{i}", r) for i, r in enumerate(stages.reviewers)]
+    refs = []
+    for where, ref in entries:
+        refs.append((f"{where}.model", ref.model))
+        refs += [(f"{where}.fallbacks.{j}", f) for j, f in enumerate(ref.fallbacks)]
+    return refs
+
+
 def _implicit_models(config: Config) -> None:
     """Stage references that are litellm model strings become models named after themselves."""
-    refs = [config.stages.planner.model]
-    refs += [b.model for b in config.stages.builders] + [r.model for r in config.stages.reviewers]
-    for ref in refs:
+    for _, ref in _stage_refs(config.stages):
         if ref not in config.models:
             config.models[ref] = ModelConfig(id=ref)
 
@@ -288,14 +309,16 @@ def format_validation_error(source: str, err: ValidationError) -> str:
     """One line per problem: file, dotted key path, what was expected."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see agents.yaml in the README)"
         elif e["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"{source}: {loc}: {msg}")
-    return "\n".join(lines[:5])
+        lines.append(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}")
+    # One or two lines: the first problem, and how many more there are.
+    more = f"\n({len(lines) - 1} more problems; fix this one first)" if len(lines) > 1 else ""
+    return lines[0] + more
 
 
 def parse_config(data: Any, source: str = "agents.yaml", base: Path | None = None) -> LoadedConfig:

@@ -24,8 +24,10 @@ class ModelDoor(Protocol):
         tools: list[ToolSpec] | None = None,
         tool_choice: str | None = None,
         scope: str = "",
+        fallbacks: list[str] | None = None,
     ) -> Completion:
-        """`scope` separates agents that may send identical requests (e.g. parallel builders)."""
+        """`scope` separates agents that may send identical requests (e.g. parallel builders);
+        `fallbacks` are tried in order when `model` keeps failing."""
         ...
 
 

@@ -38,7 +38,11 @@ def route_reviews(state: RunState) -> list[Send] | Literal["select"]:
         checks = results.get(cand.index)
         if cand.status != "ok" or checks is None or not checks.passed:
             continue
+        families = state.get("families", {})
+        built_by = {families.get(m, m) for m in [cand.model, *cand.models_used]}
         for reviewer in state["reviewers"].get(cand.model, []):
+            if families.get(reviewer, reviewer) in built_by:
+                continue
             sends.append(
                 Send(
                     "review",

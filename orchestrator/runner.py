@@ -290,6 +290,7 @@ async def _run(
             base_sha=base_sha,
             builder_models=slots,
             reviewers={m: loaded.reviewers_for(m) for m in set(slots)},
+            families={name: m.family for name, m in loaded.models.items()},
         )
     )
     try:

@@ -42,6 +42,8 @@ class Candidate(BaseModel):
     completion_tokens: int = 0
     cost_usd: float = 0.0
     summary: str = ""
+    models_used: list[str] = Field(default_factory=list)
+    """Every model that answered this builder (more than one after a fallback)."""
 
     @property
     def diff_size(self) -> int:
@@ -106,6 +108,8 @@ class RunState(TypedDict, total=False):
     """Model name per builder slot."""
     reviewers: dict[str, list[str]]
     """Builder model name -> the reviewers eligible to review its candidates."""
+    families: dict[str, str]
+    """Model name -> family, for every configured model."""
     plan: Plan | None
     candidates: Annotated[list[Candidate], operator.add]
     checks: Annotated[list[CandidateChecks], operator.add]

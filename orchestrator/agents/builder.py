@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from orchestrator.agents.prompts import BUILDER_SYSTEM
 from orchestrator.agents.tools import TOOL_SPECS, Submitted, ToolError, Tools
@@ -29,6 +29,7 @@ class BuildOutcome(BaseModel):
     completion_tokens: int = 0
     cost_usd: float = 0.0
     error: str | None = None
+    models_used: list[str] = Field(default_factory=list)
 
 
 Progress = Callable[[BuildOutcome, str], None]
@@ -46,8 +47,10 @@ class Builder:
         redact: Redactor,
         progress: Progress | None = None,
         scope: str = "",
+        fallbacks: list[str] | None = None,
     ):
         self.scope = scope
+        self.fallbacks = list(fallbacks or [])
         self.door, self.model, self.tools = door, model, tools
         self.max_turns = max_turns
         self.transcript = transcript
@@ -75,9 +78,19 @@ class Builder:
         if self.outcome.turns >= self.max_turns:
             raise LimitsExceeded
         completion = await self.door.complete(
-            self.model, self.messages, stage="build", tools=TOOL_SPECS, scope=self.scope
+            self.model,
+            self.messages,
+            stage="build",
+            tools=TOOL_SPECS,
+            scope=self.scope,
+            fallbacks=self.fallbacks,
         )
         o = self.outcome
+        if completion.model not in o.models_used:
+            o.models_used.append(completion.model)
+        if completion.model in self.fallbacks:  # stay on the model that answers
+            self.fallbacks = self.fallbacks[self.fallbacks.index(completion.model) + 1 :]
+            self.model = completion.model
         o.turns += 1
         o.prompt_tokens += completion.usage.prompt_tokens
         o.completion_tokens += completion.usage.completion_tokens

@@ -60,6 +60,21 @@ def request_key(
     return hashlib.sha256("\0".join((run_id, stage, model, payload)).encode()).hexdigest()
 
 
+_CONTEXT_WORDS = re.compile(
+    r"context.{0,20}(window|length|limit)|too (long|many tokens)|"
+    r"maximum.{0,30}tokens|ContextWindowExceeded",
+    re.IGNORECASE,
+)
+
+
+def falls_back(err: ProviderError) -> bool:
+    """Worth another model: rate limits and server errors past their retries, or a prompt
+    too long for this model's context window. Not: bad keys, malformed requests."""
+    if err.retryable:
+        return True
+    return err.status in (400, 413) and bool(_CONTEXT_WORDS.search(str(err)))
+
+
 def cost_of(rm: ResolvedModel, usage: Usage) -> float:
     """USD from our own prices: cached prompt tokens at the cache-read price."""
     cached = min(usage.cached_tokens, usage.prompt_tokens)
@@ -124,6 +139,49 @@ class Door:
         tools: list[ToolSpec] | None = None,
         tool_choice: str | None = None,
         scope: str = "",
+        fallbacks: list[str] | None = None,
+    ) -> Completion:
+        """One completion; when `model` keeps failing, the `fallbacks` are tried in order.
+
+        `Completion.model` names the model that answered, so an agent can stay on it.
+        """
+        chain = [model, *(fallbacks or [])]
+        for i, name in enumerate(chain):
+            try:
+                return await self._complete_one(
+                    name, messages, stage=stage, tools=tools, tool_choice=tool_choice, scope=scope
+                )
+            except ProviderError as err:
+                if i == len(chain) - 1 or not falls_back(err):
+                    raise
+                reason = self._redact(str(err).splitlines()[0])[:300]
+                if self.ledger is not None:
+                    self.ledger.record(
+                        run_id=self.run_id,
+                        spec=self.spec,
+                        stage=stage,
+                        model=name,
+                        outcome="fallback",
+                        error=f"→ {chain[i + 1]}: {reason}",
+                    )
+                self.events.emit(
+                    Notice(
+                        run_id=self.run_id,
+                        level="warning",
+                        message=f"{name} failed ({reason}); falling back to {chain[i + 1]}",
+                    )
+                )
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    async def _complete_one(
+        self,
+        model: str,
+        messages: list[Message],
+        *,
+        stage: str,
+        tools: list[ToolSpec] | None,
+        tool_choice: str | None,
+        scope: str,
     ) -> Completion:
         rm = self._resolve(model)
         key = None if rm.scripted else resolve_api_key(rm, self._env_dict())

@@ -230,15 +230,24 @@ def response_from_wire(response: Any) -> tuple[Message, Usage]:
     return message, usage
 
 
+PER_MESSAGE_TOKENS = 16
+"""Role markers and separators a chat template adds around each message."""
+REQUEST_OVERHEAD_TOKENS = 1024
+"""What a provider may add to a request: its own tool-use system prompt, templates."""
+
+
 def estimate_tokens(messages: list[Message], tools: list[ToolSpec] | None) -> int:
-    """A cheap offline upper-ish estimate: characters / 3.5, rounded up."""
-    chars = 0
-    for m in messages:
-        chars += len(m.content or "") + len(m.reasoning_content or "")
-        chars += sum(len(c.name) + len(c.arguments) for c in m.tool_calls)
+    """An upper bound on the prompt tokens a provider can bill for this request.
+
+    A byte-level BPE token covers at least one byte, so the UTF-8 size of everything sent
+    bounds the token count whatever the tokenizer (CJK text included, where characters / 4
+    would undercount), plus a per-message and a per-request allowance. A hard cap needs a
+    bound, not an average: the price is reservations that are a few times the real cost.
+    """
+    size = sum(len(m.model_dump_json(exclude_defaults=True).encode()) for m in messages)
     if tools:
-        chars += len(json.dumps([t.model_dump() for t in tools]))
-    return math.ceil(chars / 3.5)
+        size += len(json.dumps([t.model_dump() for t in tools]).encode())
+    return size + PER_MESSAGE_TOKENS * len(messages) + REQUEST_OVERHEAD_TOKENS
 
 
 def _load_litellm() -> Any:

@@ -63,6 +63,7 @@ async def build(task: BuildTask, runtime: Runtime[Context]) -> dict[str, object]
             redact=ctx.redact,
             progress=lambda o, action: update(o, "running", action),
             scope=f"build-{task.index}",
+            fallbacks=ctx.config.fallback_chains().get(("build", task.model)),
         )
         try:
             outcome = await builder.run(build_request(ctx.spec.body, task.plan, ctx.spec.checks))
@@ -105,6 +106,7 @@ def _candidate(
         completion_tokens=outcome.completion_tokens,
         cost_usd=outcome.cost_usd,
         summary=outcome.summary,
+        models_used=outcome.models_used,
     )
     if not patch:
         return record.model_copy(update={"status": "failed" if error else "empty"})

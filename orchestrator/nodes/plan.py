@@ -40,7 +40,12 @@ async def plan(state: RunState, runtime: Runtime[Context]) -> dict[str, object]:
     ]
     try:
         reply = await ctx.door.complete(
-            planner, messages, stage="plan", tools=[SUBMIT_PLAN], tool_choice=SUBMIT_PLAN.name
+            planner,
+            messages,
+            stage="plan",
+            tools=[SUBMIT_PLAN],
+            tool_choice=SUBMIT_PLAN.name,
+            fallbacks=ctx.config.fallback_chains().get(("plan", planner)),
         )
         calls = [c for c in reply.message.tool_calls if c.name == SUBMIT_PLAN.name]
         if not calls:

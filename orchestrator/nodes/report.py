@@ -18,6 +18,13 @@ def outcome_of(state: RunState) -> str:
 async def report(state: RunState, runtime: Runtime[Context]) -> dict[str, object]:
     ctx = runtime.context
     cost = ctx.spent()
+    fallbacks = [
+        f"fallback at {r.stage}: {r.model} {r.error}"
+        for r in ctx.ledger.rows(ctx.run_id)
+        if r.outcome == "fallback"
+    ]
+    if fallbacks:
+        state = {**state, "notes": [*state.get("notes", []), *fallbacks]}
     text = render_markdown(
         state,
         title=ctx.spec.title,
@@ -27,6 +34,7 @@ async def report(state: RunState, runtime: Runtime[Context]) -> dict[str, object
         cost=cost,
         outcome=outcome_of(state),
         dirty_note=ctx.dirty_note,
+        spend={d: ctx.ledger.by(d, ctx.run_id) for d in ("stage", "model", "provider")},
     )
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     (ctx.run_dir / "report.md").write_text(ctx.redact(text), encoding="utf-8")

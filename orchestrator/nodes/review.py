@@ -33,14 +33,25 @@ async def review(task: ReviewTask, runtime: Runtime[Context]) -> dict[str, objec
         Message.user(review_request(ctx.spec.body, task.plan, diff, task.checks)),
     ]
     try:
+        built_by = {ctx.config.model(m).family for m in [cand.model, *cand.models_used]}
+        fallbacks = [
+            f
+            for f in ctx.config.fallback_chains().get(("review", task.reviewer), [])
+            if ctx.config.model(f).family not in built_by
+        ]
         reply = await ctx.door.complete(
             task.reviewer,
             messages,
             stage="review",
             tools=[SUBMIT_REVIEW],
             tool_choice=SUBMIT_REVIEW.name,
+            scope=f"{cand.index}",
+            fallbacks=fallbacks,
         )
         record.cost_usd = reply.cost_usd
+        if reply.model != task.reviewer:  # a fallback answered
+            record.reviewer = reply.model
+            record.family = ctx.config.model(reply.model).family
         calls = [c for c in reply.message.tool_calls if c.name == SUBMIT_REVIEW.name]
         if not calls:
             raise ValueError("the reviewer did not call submit_review")
