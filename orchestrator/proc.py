@@ -1,10 +1,19 @@
-"""Shell commands for builders and checks: own process group, timeout, capped output."""
+"""Shell commands for builders and checks: own process group, timeout, capped output.
+
+Builder commands can also be cut off from the network: each runs in a fresh, empty network
+namespace (`unshare --net`), inside a user namespace where the machine allows one. In a user
+namespace the command also cannot re-enter flow's namespace (setns) or read flow's memory
+and environment through /proc; a plain `unshare --net` as root prevents neither.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -20,6 +29,9 @@ _TERM_GRACE_S = 2.0
 """How long a timed-out command gets to exit after SIGTERM before the group is SIGKILLed."""
 _DRAIN_S = 1.0
 """How long to wait for the pipe to close once the group is dead."""
+_NETNS_FLAGS = (("--net", "--map-root-user"), ("--net",))
+"""`unshare` flags in order of preference; the second works for root only."""
+_PROBE_TIMEOUT_S = 10.0
 
 
 class CommandResult(BaseModel):
@@ -46,6 +58,79 @@ def sandbox_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.update(GIT_TERMINAL_PROMPT="0", PYTHONDONTWRITEBYTECODE="1", CI="1")
     env.update(extra or {})
     return env
+
+
+@functools.cache
+def network_isolation() -> str | None:
+    """The command prefix that starts a program in a new network namespace; None if impossible.
+
+    Probed once per process by running a trivial command under each candidate.
+    """
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return None
+    for flags in _NETNS_FLAGS:
+        prefix = [unshare, *flags]
+        try:
+            probe = subprocess.run(
+                [*prefix, "/bin/sh", "-c", "exit 0"],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                env=sandbox_env(),
+                timeout=_PROBE_TIMEOUT_S,
+            )
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if probe.returncode == 0:
+            return shlex.join(prefix)
+    return None
+
+
+@functools.cache
+def _ip_command() -> str | None:
+    return shutil.which(
+        "ip", path=os.pathsep.join((os.environ.get("PATH", ""), "/usr/sbin", "/sbin"))
+    )
+
+
+def describe_isolation() -> str:
+    """One sentence: what builder commands can and cannot reach on this machine."""
+    mode = network_isolation()
+    rest = (
+        "they can still read and write every file (and Unix socket) the user running flow "
+        "can, and the spec's checks always run without this isolation."
+    )
+    if mode is None:
+        return (
+            "Builder commands have the network of the user running flow, because this machine "
+            f"allows no new network namespace (`unshare --net` failed); {rest}"
+        )
+    loopback = "a loopback of their own" if _ip_command() else "no network interface at all"
+    if "--map-root-user" in mode:
+        return (
+            f"Builder commands run in a fresh network namespace inside a user namespace "
+            f"(`{mode}`), with {loopback}, so they reach no host, not even the machine's own "
+            f"127.0.0.1, and cannot read flow's environment or memory; {rest}"
+        )
+    return (
+        f"Builder commands run in a fresh network namespace (`{mode}`; no user namespace "
+        f"here), with {loopback}, so they reach no host, not even the machine's own "
+        f"127.0.0.1, though a command running as root could deliberately rejoin the host's "
+        f"network with nsenter and can read flow's environment through /proc; {rest}"
+    )
+
+
+def _argv(command: str, isolation: str | None) -> list[str]:
+    """/bin/sh -c command, in a new network namespace when `isolation` names the prefix."""
+    if isolation is None:
+        return ["/bin/sh", "-c", command]
+    ip = _ip_command()
+    if ip is None:
+        return [*shlex.split(isolation), "/bin/sh", "-c", command]
+    # A loopback of its own lets a command talk to servers it started itself; it reaches
+    # nothing outside the namespace. The exec keeps the shell's pid, so the group is the same.
+    up = f'{shlex.quote(ip)} link set lo up 2>/dev/null; exec /bin/sh -c "$1"'
+    return [*shlex.split(isolation), "/bin/sh", "-c", up, "/bin/sh", command]
 
 
 class _CappedOutput:
@@ -123,17 +208,22 @@ async def run_shell(
     timeout_s: float,
     output_cap: int,
     env: dict[str, str] | None = None,
+    isolate_network: bool = False,
 ) -> CommandResult:
-    """Run `command` with /bin/sh in `cwd`; the whole process group dies when it ends."""
+    """Run `command` with /bin/sh in `cwd`; the whole process group dies when it ends.
+
+    `isolate_network` runs it in a new network namespace where this machine allows one
+    (see `network_isolation`), silently without where not. Builders' commands ask for it;
+    the spec's checks do not: they are the user's own commands, run as the user would.
+    """
     started = time.monotonic()
+    isolation = await asyncio.to_thread(network_isolation) if isolate_network else None
     out = _CappedOutput(output_cap)
     proto = _Collector(out)
     spawn = asyncio.ensure_future(
         asyncio.get_running_loop().subprocess_exec(
             lambda: proto,
-            "/bin/sh",
-            "-c",
-            command,
+            *_argv(command, isolation),
             cwd=cwd,
             env=sandbox_env() if env is None else env,
             stdin=subprocess.DEVNULL,

@@ -1,4 +1,8 @@
-"""git, through the `git` binary: worktrees, candidate diffs, and commit-to-branch.
+"""git, through the `git` binary: builders' checkouts, candidate diffs, commit-to-branch.
+
+A builder's checkout (still called a worktree here) is a shared clone, not a linked
+worktree: a linked worktree's `.git` points into the user's git directory, so `git config`,
+`git branch -f` or a new hook written there would change the user's repository.
 
 Every call gets a scrubbed environment: variables that point git at another repository or
 index (set when flow runs from a hook or an alias) are dropped, prompts are off, messages
@@ -8,15 +12,15 @@ user's index behind their back.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
-import threading
 from pathlib import Path
-from typing import ClassVar
 
 from orchestrator.errors import WorkspaceError
 
@@ -48,6 +52,19 @@ _DIFF_OPTS = (
     "--dst-prefix=b/",
 )
 _APPLY_OPTS = ("--binary", "--whitespace=nowarn")
+# The config of a builder's clone: its own identity, and none of the user's hooks, signing
+# keys or background maintenance (an auto-gc daemon would outlive the builder's command).
+_CLONE_CONFIG = (
+    ("core.hooksPath", "/dev/null"),
+    ("core.fsmonitor", "false"),
+    ("user.name", "flow builder"),
+    ("user.email", "builder@flow.invalid"),
+    ("commit.gpgSign", "false"),
+    ("tag.gpgSign", "false"),
+    ("gc.auto", "0"),
+    ("maintenance.auto", "false"),
+)
+_SAFE_OVERRIDES = (("core.fsmonitor", "false"), ("core.hooksPath", "/dev/null"))
 
 
 class BranchExists(WorkspaceError):
@@ -100,9 +117,6 @@ def _text(proc: subprocess.CompletedProcess[bytes]) -> str:
 class Repo:
     """A non-bare git repository with at least one commit."""
 
-    _locks: ClassVar[dict[Path, threading.Lock]] = {}
-    _locks_guard: ClassVar[threading.Lock] = threading.Lock()
-
     def __init__(self, root: Path, git_dir: Path) -> None:
         self.root = root
         self.git_dir = git_dir
@@ -152,10 +166,6 @@ class Repo:
         """Run git in the work tree; stdout without its trailing newline."""
         return _text(_run(self.root, args, env=env, input=input, check=check))
 
-    def _lock(self) -> threading.Lock:
-        with Repo._locks_guard:
-            return Repo._locks.setdefault(self.git_dir, threading.Lock())
-
     def resolve(self, rev: str) -> str:
         proc = _run(
             self.root,
@@ -194,31 +204,51 @@ class Repo:
         return (name, email) if name and email else DEFAULT_IDENTITY
 
     def add_worktree(self, path: Path, sha: str) -> Path:
+        """A private checkout of `sha` at `path`: a shared clone, not a linked worktree.
+
+        The clone borrows the objects read-only (alternates) but has its own config, refs
+        and no hooks, so whatever a builder does with git there stays there; nothing of the
+        user's repository runs (hooks) or changes. A leftover clone at `path` is replaced.
+        """
         path = Path(path).resolve()
+        if path == self.root or path.is_relative_to(self.root) or self.root.is_relative_to(path):
+            raise WorkspaceError(f"{path}: a builder's checkout must lie outside {self.root}")
+        if path.is_dir() and (path / ".git").exists():
+            _remove_tree(path)  # a checkout left by a crashed or interrupted run
+        elif path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise WorkspaceError(f"{path} exists and is not a checkout of flow's; remove it")
         path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock():
-            self.git("worktree", "add", "--detach", "--force", str(path), sha)
+        try:
+            self._clone(path, sha)
+        except BaseException:
+            _remove_tree(path)
+            raise
         return path
 
-    def remove_worktree(self, path: Path) -> None:
-        path = Path(path)
-        with self._lock():
-            if path.exists():
-                # Fails on submodules or a damaged .git file; the rmtree below still cleans up.
-                self.git("worktree", "remove", "--force", "--force", str(path), check=False)
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
-            self.git("worktree", "prune")
+    def _clone(self, path: Path, sha: str) -> None:
+        # --template= copies no hooks from the user's init.templateDir; --config takes effect
+        # before the first ref is written, so not even a global reference-transaction hook runs.
+        config = [f"--config={key}={value}" for key, value in _CLONE_CONFIG]
+        clone = ("clone", "--shared", "--no-checkout", "--quiet", "--template=", *config)
+        _run(path.parent, (*clone, "--", str(self.git_dir), str(path)))
+        _run(path, ("remote", "remove", "origin"))  # no `git push` into the user's repository
+        exclude = self.git_dir / "info" / "exclude"
+        if exclude.is_file():
+            (path / ".git" / "info").mkdir(exist_ok=True)
+            shutil.copyfile(exclude, path / ".git" / "info" / "exclude")
+        # Every object of the source is readable through alternates: a base reachable only
+        # from a tag, or from nothing at all, checks out as well as a branch tip.
+        _run(path, ("checkout", "--quiet", "--detach", sha, "--"))
 
-    def registered_worktrees(self) -> list[Path]:
-        out = self.git("worktree", "list", "--porcelain")
-        return [
-            Path(line[len("worktree ") :])
-            for line in out.splitlines()
-            if line.startswith("worktree ")
-        ]
+    def remove_worktree(self, path: Path) -> None:
+        """Delete a checkout made by `add_worktree`; nothing of the user's repository changes."""
+        _remove_tree(Path(path))
+
+    def _legacy_worktrees(self, top: Path) -> list[Path]:
+        """Linked worktrees under `top`, left by flow versions that used `git worktree`."""
+        out = self.git("worktree", "list", "--porcelain", check=False).splitlines()
+        paths = (Path(line[len("worktree ") :]) for line in out if line.startswith("worktree "))
+        return [p for p in paths if p.resolve().is_relative_to(top)]
 
     def commit_patch(self, base_sha: str, patch: bytes, branch: str, message: str) -> str:
         """Commit `patch` onto base as the new branch; the user's checkout is never touched."""
@@ -269,11 +299,26 @@ class Repo:
 def worktree_diff(worktree: Path, base_sha: str) -> bytes:
     """Everything in `worktree` that differs from base, as a binary patch; b"" if nothing."""
     with tempfile.TemporaryDirectory(prefix="flow-index-") as tmp:
-        index = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        index = _checkout_env(worktree) | {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
         _run(worktree, ("read-tree", base_sha), env=index)
         _run(worktree, ("add", "-A"), env=index)
         _drop_new_gitlinks(worktree, base_sha, index)
         return _run(worktree, ("diff", "--cached", *_DIFF_OPTS, base_sha, "--"), env=index).stdout
+
+
+def _checkout_env(worktree: Path) -> dict[str, str]:
+    """For flow's own git calls in a builder's checkout, whose .git the builder could edit.
+
+    No discovery (a deleted .git would lead git up to some enclosing repository), and none
+    of the config keys that make `add` or `apply` start a program outside the sandbox.
+    """
+    git_dir = worktree / ".git"
+    if git_dir.is_symlink() or not git_dir.is_dir():
+        raise WorkspaceError(f"{worktree}: .git is no longer the checkout's own directory")
+    env = {"GIT_DIR": str(git_dir), "GIT_WORK_TREE": str(worktree)}
+    for i, (key, value) in enumerate(_SAFE_OVERRIDES):
+        env |= {f"GIT_CONFIG_KEY_{i}": key, f"GIT_CONFIG_VALUE_{i}": value}
+    return env | {"GIT_CONFIG_COUNT": str(len(_SAFE_OVERRIDES))}
 
 
 def _drop_new_gitlinks(worktree: Path, base_sha: str, index: dict[str, str]) -> None:
@@ -283,7 +328,7 @@ def _drop_new_gitlinks(worktree: Path, base_sha: str, index: dict[str, str]) -> 
     links = [line.split("\t", 1)[1] for line in staged if line.startswith("160000 ")]
     if not links:
         return
-    old = _text(_run(worktree, ("ls-tree", "-r", "-z", base_sha))).split("\0")
+    old = _text(_run(worktree, ("ls-tree", "-r", "-z", base_sha), env=index)).split("\0")
     kept = {line.split("\t", 1)[1] for line in old if line.startswith("160000 ")}
     new = [p for p in links if p not in kept]
     if new:
@@ -294,7 +339,7 @@ def apply_patch(worktree: Path, patch: bytes) -> None:
     """Apply a `worktree_diff` patch to the files of `worktree` (its index is left alone)."""
     if not patch.strip():
         return
-    _run(worktree, ("apply", *_APPLY_OPTS), input=patch)
+    _run(worktree, ("apply", *_APPLY_OPTS), env=_checkout_env(worktree), input=patch)
 
 
 _HUNK = re.compile(rb"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
@@ -386,15 +431,40 @@ def worktree_dir(repo: Repo, run_id: str) -> Path:
 
 
 def remove_run_worktrees(repo: Repo, run_id: str) -> int:
-    """Remove every worktree of the run, registered with git or merely left on disk."""
+    """Remove every checkout of the run; returns how many there were."""
     top = worktree_dir(repo, run_id).resolve()
-    found = {p.resolve() for p in repo.registered_worktrees() if p.resolve().is_relative_to(top)}
+    legacy = repo._legacy_worktrees(top)
+    # Entries are removed as named, never resolved: a symlink goes, not what it points at.
+    found = {top / p.resolve().relative_to(top) for p in legacy}
     if top.is_dir():
-        found.update(p.resolve() for p in top.iterdir())
-    for path in sorted(found):
-        repo.remove_worktree(path)
-    with repo._lock():
-        repo.git("worktree", "prune")
+        found.update(top.iterdir())
+    for path in found:
+        _remove_tree(path)
+    if legacy:
+        repo.git("worktree", "prune", check=False)
     if top.is_dir() and not any(top.iterdir()):
         top.rmdir()
     return len(found)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete `path`, even a tree a builder made unreadable; a symlink itself, never its target."""
+    if path.is_dir() and not path.is_symlink():
+        try:
+            shutil.rmtree(path)
+        except OSError:
+            _open_up(path)
+            shutil.rmtree(path, ignore_errors=True)  # callers clean up in `finally`: no raising
+    elif path.is_symlink() or path.exists():
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _open_up(top: Path) -> None:
+    """chmod u+rwx every directory under `top` (symlinks are not followed)."""
+    stack = [top]
+    while stack:
+        path = stack.pop()
+        with contextlib.suppress(OSError):
+            path.chmod(path.stat().st_mode | stat.S_IRWXU)
+            stack.extend(p for p in path.iterdir() if p.is_dir() and not p.is_symlink())

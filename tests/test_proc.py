@@ -5,11 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import select
+import shlex
+import socket
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from orchestrator.proc import run_shell, sandbox_env
+from orchestrator import proc
+from orchestrator.proc import describe_isolation, network_isolation, run_shell, sandbox_env
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 
@@ -166,3 +171,124 @@ async def test_cancellation_while_spawning_still_kills_the_group(tmp_path: Path)
     with pytest.raises(asyncio.CancelledError):
         await task
     assert all(dies(pid) for pid in running(marker))
+
+
+# --- network isolation -----------------------------------------------------------------
+
+# On a machine that cannot make network namespaces, set this to run the suite anyway; the
+# isolation tests then fail loudly unless told so here, never skip silently.
+NO_NETNS = os.environ.get("FLOW_TEST_NO_NETNS") == "1"
+needs_netns = pytest.mark.skipif(NO_NETNS, reason="FLOW_TEST_NO_NETNS=1: no network namespaces")
+
+
+@pytest.fixture
+def listener() -> Iterator[int]:
+    """A TCP server on the host's 127.0.0.1; connecting succeeds without an accept()."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        yield server.getsockname()[1]
+
+
+def connect(port: int) -> str:
+    code = f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)"
+    return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)} && echo connected"
+
+
+@pytest.fixture
+def fresh_probe() -> Iterator[None]:
+    proc.network_isolation.cache_clear()
+    proc._ip_command.cache_clear()
+    yield
+    proc.network_isolation.cache_clear()
+    proc._ip_command.cache_clear()
+
+
+@needs_netns
+def test_network_isolation_is_available_on_this_machine() -> None:
+    mode = network_isolation()
+    assert mode is not None, "unshare --net works nowhere here; set FLOW_TEST_NO_NETNS=1"
+    assert shlex.split(mode)[1:] in (["--net", "--map-root-user"], ["--net"])
+    assert f"`{mode}`" in describe_isolation()
+    assert "reach no host" in describe_isolation()
+
+
+@needs_netns
+async def test_an_isolated_command_cannot_reach_the_hosts_loopback(
+    tmp_path: Path, listener: int
+) -> None:
+    isolated = await run_shell(
+        connect(listener), tmp_path, timeout_s=30, output_cap=10_000, isolate_network=True
+    )
+    assert isolated.exit_code != 0 and "connected" not in isolated.output
+    assert "Error" in isolated.output  # refused or unreachable, at once
+    assert isolated.duration_s < 10
+    # The same command, as the spec's checks run it (the default), connects.
+    plain = await run_shell(connect(listener), tmp_path, timeout_s=30, output_cap=10_000)
+    assert (plain.exit_code, plain.output) == (0, "connected\n")
+
+
+@needs_netns
+async def test_an_isolated_command_has_a_loopback_of_its_own(tmp_path: Path) -> None:
+    server = (
+        "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(1); "
+        "socket.create_connection(s.getsockname(), timeout=2); print('own loopback')"
+    )
+    command = f"{shlex.quote(sys.executable)} -c {shlex.quote(server)}"
+    res = await run_shell(command, tmp_path, timeout_s=30, output_cap=10_000, isolate_network=True)
+    assert (res.exit_code, res.output) == (0, "own loopback\n")
+
+
+@needs_netns
+async def test_an_isolated_command_keeps_exit_code_cwd_and_arguments(tmp_path: Path) -> None:
+    res = await run_shell(
+        'pwd -P; printf "%s|" "$0" "a b"; exit 7',
+        tmp_path,
+        timeout_s=30,
+        output_cap=1000,
+        isolate_network=True,
+    )
+    assert res.exit_code == 7
+    assert res.output == f"{tmp_path.resolve()}\n/bin/sh|a b|"
+
+
+@needs_netns
+async def test_timeout_kills_the_whole_isolated_process_group(tmp_path: Path) -> None:
+    command = (
+        "sh -c 'trap \"\" TERM; echo $$ > child.pid; exec sleep 1000' & "
+        "while [ ! -s child.pid ]; do :; done; echo ready; wait"
+    )
+    res = await run_shell(command, tmp_path, timeout_s=1.0, output_cap=1000, isolate_network=True)
+    assert res.timed_out and "ready" in res.output
+    assert dies(int((tmp_path / "child.pid").read_text()))
+
+
+def test_no_unshare_means_no_isolation_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_probe: None
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no unshare, no ip
+    assert network_isolation() is None
+    assert "have the network" in describe_isolation()
+    res = asyncio.run(
+        run_shell("echo still runs", tmp_path, timeout_s=30, output_cap=100, isolate_network=True)
+    )
+    assert res.output == "still runs\n"
+
+
+def test_without_user_namespaces_plain_unshare_is_used_and_its_limits_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_probe: None
+) -> None:
+    fake = tmp_path / "unshare"  # refuses user namespaces, "isolates" by just running
+    fake.write_text(
+        '#!/bin/sh\ncase "$*" in *--map-root-user*) exit 1;; esac\n'
+        'echo "$@" >> "$(dirname "$0")/calls"; shift; exec "$@"\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert network_isolation() == f"{fake} --net"
+    assert "nsenter" in describe_isolation() and "no user namespace" in describe_isolation()
+    res = asyncio.run(
+        run_shell("echo hi", tmp_path, timeout_s=30, output_cap=100, isolate_network=True)
+    )
+    assert res.output == "hi\n"
+    assert (tmp_path / "calls").read_text().splitlines()[-1].startswith("--net /bin/sh -c")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.agents.tools import Submitted, ToolError, Tools
+from orchestrator.agents.tools import MAX_READ_BYTES, Submitted, ToolError, Tools
 from orchestrator.llm.messages import ToolCall
 
 
@@ -74,39 +74,69 @@ async def test_bad_calls_are_tool_errors(tree: Path) -> None:
         await t.dispatch(call("read_file", file="pkg/a.py"))
 
 
-ESCAPES = [
-    ("read_file", {"path": "../secret.txt"}),
-    ("read_file", {"path": "pkg/../../secret.txt"}),
-    ("read_file", {"path": "/etc/passwd"}),
-    ("read_file", {"path": ".git"}),
-    ("write_file", {"path": "../evil.txt", "content": "x"}),
-    ("write_file", {"path": "/tmp/flow-evil.txt", "content": "x"}),
-    ("write_file", {"path": ".git/hooks/pre-commit", "content": "x"}),
-    ("edit_file", {"path": "../secret.txt", "old": "top", "new": "no"}),
-    ("list_files", {"path": ".."}),
-    ("search", {"pattern": "secret", "path": ".."}),
-    ("read_file", {"path": "a\x00b"}),
-    ("read_file", {"path": ""}),
-]
+# Escape attempts (paths, symlinks, .git, FIFOs, environment, network) are in test_sandbox.py.
 
 
-@pytest.mark.parametrize(("name", "args"), ESCAPES)
-async def test_escape_attempts_are_refused(tree: Path, name: str, args: dict[str, str]) -> None:
-    with pytest.raises(ToolError):
-        await tools(tree).dispatch(call(name, **args))
-    assert (tree.parent / "secret.txt").read_text() == "top secret\n"
-    assert not (tree.parent / "evil.txt").exists()
-
-
-async def test_symlinks_pointing_out_are_refused(tree: Path) -> None:
-    os.symlink(tree.parent / "secret.txt", tree / "link.txt")
-    os.symlink(tree.parent, tree / "up")
+async def test_refusals_name_the_reason(tree: Path) -> None:
     t = tools(tree)
-    with pytest.raises(ToolError, match="outside"):
-        await t.dispatch(call("read_file", path="link.txt"))
-    with pytest.raises(ToolError, match="outside"):
-        await t.dispatch(call("write_file", path="up/evil.txt", content="x"))
-    with pytest.raises(ToolError, match="outside"):
-        await t.dispatch(call("write_file", path="link.txt", content="overwritten"))
-    assert (tree.parent / "secret.txt").read_text() == "top secret\n"
-    assert not (tree.parent / "evil.txt").exists()
+    with pytest.raises(ToolError, match="outside the repository"):
+        await t.dispatch(call("read_file", path="../secret.txt"))
+    with pytest.raises(ToolError, match="git internals"):
+        await t.dispatch(call("write_file", path=".git/hooks/pre-commit", content="x"))
+    with pytest.raises(ToolError, match="NUL byte"):
+        await t.dispatch(call("read_file", path="a\x00b"))
+    with pytest.raises(ToolError, match="path too long"):
+        await t.dispatch(call("read_file", path="a/" * 600))
+    with pytest.raises(ToolError, match="no such file"):
+        await t.dispatch(call("read_file", path="pkg/none.py"))
+    with pytest.raises(ToolError, match="is a directory"):
+        await t.dispatch(call("read_file", path="pkg"))
+    with pytest.raises(ToolError, match="is a directory"):
+        await t.dispatch(call("write_file", path="pkg", content="x"))
+    os.mkfifo(tree / "fifo")
+    with pytest.raises(ToolError, match="not a regular file"):
+        await t.dispatch(call("read_file", path="fifo"))
+
+
+async def test_os_errors_come_back_as_tool_errors(tree: Path) -> None:
+    (tree / "loop").symlink_to("loop")
+    with pytest.raises(ToolError, match="write_file failed: "):
+        await tools(tree).dispatch(call("write_file", path="loop/x", content="x"))
+
+
+async def test_write_keeps_the_files_mode_and_leaves_no_temporary_file(tree: Path) -> None:
+    script = tree / "run.sh"
+    script.write_text("echo 1\n")
+    script.chmod(0o755)
+    t = tools(tree)
+    await t.dispatch(call("write_file", path="run.sh", content="echo 2\n"))
+    await t.dispatch(call("edit_file", path="run.sh", old="2", new="3"))
+    assert script.read_text() == "echo 3\n" and script.stat().st_mode & 0o777 == 0o755
+    await t.dispatch(call("write_file", path="new.txt", content="café\n"))
+    assert (tree / "new.txt").read_bytes() == "café\n".encode()
+    assert (tree / "new.txt").stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tree.iterdir()) == [".git", "new.txt", "pkg", "run.sh"]
+
+
+async def test_binary_and_non_utf8_files(tree: Path) -> None:
+    (tree / "blob.bin").write_bytes(b"x = 1\0\1")
+    (tree / "latin.txt").write_bytes(b"x = caf\xe9\n")
+    t = tools(tree)
+    with pytest.raises(ToolError, match="binary file"):
+        await t.dispatch(call("read_file", path="blob.bin"))
+    with pytest.raises(ToolError, match="not UTF-8"):
+        await t.dispatch(call("edit_file", path="latin.txt", old="x", new="y"))
+    assert (tree / "latin.txt").read_bytes() == b"x = caf\xe9\n"
+    assert await t.dispatch(call("read_file", path="latin.txt")) == "x = caf\ufffd\n"
+    found = await t.dispatch(call("search", pattern="^x = "))
+    assert found.splitlines() == ["latin.txt:1: x = caf\ufffd", "pkg/a.py:1: x = 1"]
+
+
+async def test_reads_are_capped(tree: Path) -> None:
+    (tree / "big.txt").write_text("a" * (MAX_READ_BYTES + 10))
+    assert len(await tools(tree).dispatch(call("read_file", path="big.txt"))) == MAX_READ_BYTES
+
+
+async def test_run_has_its_own_git_global_config(tree: Path) -> None:
+    out = await tools(tree).dispatch(call("run", command='echo "$GIT_CONFIG_GLOBAL"'))
+    assert out == f"[exit code 0]\n{tree.resolve() / '.git' / 'flow-user.gitconfig'}\n"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 from conftest import MakeRepo, git, repo_state
 
 from orchestrator.errors import WorkspaceError
+from orchestrator.proc import run_shell
 from orchestrator.workspace import (
     BranchExists,
     Repo,
@@ -189,11 +192,27 @@ def isolate_identity(repo: Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("EMAIL", raising=False)
 
 
-# --- worktrees ---------------------------------------------------------------------
+# --- builders' checkouts (shared clones) ---------------------------------------------
 
 
-def registered(repo: Repo) -> set[Path]:
-    return {p.resolve() for p in repo.registered_worktrees()} - {repo.root}
+def linked_worktrees(repo: Repo) -> set[Path]:
+    """Linked worktrees git knows of, besides the user's own checkout."""
+    out = git(repo.root, "worktree", "list", "--porcelain")
+    lines = [line for line in out.splitlines() if line.startswith("worktree ")]
+    return {Path(line[len("worktree ") :]).resolve() for line in lines} - {repo.root}
+
+
+def user_repo_snapshot(repo: Repo) -> dict[str, object]:
+    """repo_state plus the git internals a builder could have reached: config, hooks, tags."""
+    gd = repo.git_dir
+    return {
+        **repo_state(repo.root),
+        "config": (gd / "config").read_bytes(),
+        "hooks": sorted(p.name for p in (gd / "hooks").iterdir()),
+        "tags": git(repo.root, "tag"),
+        "refs": git(repo.root, "for-each-ref", "--format=%(refname) %(objectname)"),
+        "worktrees": linked_worktrees(repo),
+    }
 
 
 def test_worktree_dir_is_outside_the_repo(repo: Repo, cache: Path) -> None:
@@ -215,23 +234,187 @@ def test_cache_root_fallbacks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     assert cache_root() == tmp_path / "home" / ".cache" / "flow"
 
 
-def test_add_and_remove_worktree(repo: Repo) -> None:
+def test_add_worktree_makes_a_shared_clone_of_its_own(repo: Repo) -> None:
     base = repo.resolve("HEAD")
+    before = user_repo_snapshot(repo)
     path = repo.add_worktree(worktree_dir(repo, "r1") / "b0", base)
+    assert not path.is_relative_to(repo.root)
     assert (path / "src" / "app.py").read_text() == "def main():\n    return 1\n"
     assert git(path, "rev-parse", "HEAD") == base
-    assert registered(repo) == {path}
-    assert repo.head_label() == "main"  # the user's HEAD is not moved
+    assert git(path, "status", "--porcelain") == ""
+    assert (path / ".git").is_dir()  # its own git dir, not a pointer into the user's
+    assert git(path, "rev-parse", "--git-common-dir") == ".git"
+    alternates = (path / ".git" / "objects" / "info" / "alternates").read_text().split()
+    assert [Path(a).resolve() for a in alternates] == [repo.git_dir / "objects"]
+    assert git(path, "remote") == ""  # nothing to `git push` to
+    assert git(path, "config", "user.name") == "flow builder"
+    assert git(path, "config", "user.email") == "builder@flow.invalid"
+    assert git(path, "config", "core.hooksPath") == "/dev/null"
+    assert not (path / ".git" / "hooks").exists()
+    assert user_repo_snapshot(repo) == before  # nothing registered, nothing moved
     repo.remove_worktree(path)
-    assert not path.exists() and registered(repo) == set()
+    assert not path.exists()
     repo.remove_worktree(path)  # idempotent
+    assert user_repo_snapshot(repo) == before
 
 
-def test_remove_worktree_whose_files_were_deleted_behind_gits_back(repo: Repo) -> None:
+def test_builder_git_commands_leave_the_users_repository_alone(repo: Repo) -> None:
+    git(repo.root, "tag", "v1")
+    before = user_repo_snapshot(repo)
     path = repo.add_worktree(worktree_dir(repo, "r1") / "b0", repo.resolve("HEAD"))
-    (path / ".git").unlink()  # a builder that broke its worktree's link
+    damage = (
+        "git config user.name HACK && git branch -f main HEAD~0 && git tag evil && "
+        "git tag -f v1 HEAD && git config core.hooksPath .git/hooks && mkdir -p .git/hooks && "
+        "echo 'touch pwned' > .git/hooks/post-commit && chmod +x .git/hooks/post-commit && "
+        "echo x > NEW.md && git add NEW.md && git commit -qm builder && "
+        "git branch -f main HEAD && git reflog expire --expire=now --all && git gc -q --prune=now"
+    )
+    res = asyncio.run(run_shell(damage, path, timeout_s=60, output_cap=10_000))
+    assert res.exit_code == 0, res.output
+    assert git(path, "log", "-1", "--format=%an <%ae>") == "HACK <builder@flow.invalid>"
+    assert user_repo_snapshot(repo) == before
+    assert not (repo.root / "pwned").exists()
+    assert git(repo.root, "fsck", "--no-progress") == ""  # gc in the clone took nothing
+
+
+@pytest.mark.parametrize("how", ["tag only", "detached, unreachable"])
+def test_add_worktree_checks_out_a_base_no_branch_reaches(repo: Repo, how: str) -> None:
+    main = repo.resolve("main")
+    git(repo.root, "checkout", "-q", "--detach")
+    (repo.root / "side.txt").write_text("side\n")
+    git(repo.root, "add", "side.txt")
+    git(repo.root, "commit", "-qm", "side")
+    base = repo.resolve("HEAD")
+    if how == "tag only":
+        git(repo.root, "tag", "-a", "-m", "t", "only-here")
+    git(repo.root, "checkout", "-q", "main")
+    assert repo.resolve("main") == main != base
+    path = repo.add_worktree(worktree_dir(repo, "r1") / "b0", base)
+    assert git(path, "rev-parse", "HEAD") == base
+    assert (path / "side.txt").read_text() == "side\n"
+    (path / "NEW.md").write_text("x\n")
+    assert diff_stats(worktree_diff(path, base))[0] == ["NEW.md"]
+
+
+def test_no_hook_of_the_user_runs(
+    repo: Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran = tmp_path / "hooks-ran"
+    hook = f'#!/bin/sh\necho "$0" >> {ran}\n'
+    dirs = {name: tmp_path / name for name in ("global-hooks", "template/hooks")}
+    for d in [*dirs.values(), repo.git_dir / "hooks"]:
+        d.mkdir(parents=True, exist_ok=True)
+        for name in ("post-checkout", "pre-commit", "post-commit", "reference-transaction"):
+            (d / name).write_text(hook)
+            (d / name).chmod(0o755)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".gitconfig").write_text(
+        f"[core]\n\thooksPath = {dirs['global-hooks']}\n"
+        f"[init]\n\ttemplateDir = {tmp_path / 'template'}\n"
+    )
+    monkeypatch.setenv("HOME", str(home))
+    git(repo.root, "config", "core.hooksPath", str(repo.git_dir / "hooks"))
+    path = repo.add_worktree(worktree_dir(repo, "r1") / "b0", repo.resolve("HEAD"))
+    builder = "echo x > NEW.md && git add NEW.md && git commit -qm b && git checkout -q HEAD~1"
+    res = asyncio.run(run_shell(builder, path, timeout_s=60, output_cap=10_000))
+    assert res.exit_code == 0, res.output
+    assert not ran.exists()
+    assert not (path / ".git" / "hooks").exists()
+
+
+def test_add_worktree_refuses_a_path_inside_the_repository(repo: Repo) -> None:
+    before = user_repo_snapshot(repo)
+    for path in (repo.root / "wt", repo.root, repo.root.parent):
+        with pytest.raises(WorkspaceError, match="must lie outside"):
+            repo.add_worktree(path, repo.resolve("HEAD"))
+    assert user_repo_snapshot(repo) == before
+
+
+def test_add_worktree_replaces_a_leftover_checkout_but_nothing_else(repo: Repo) -> None:
+    base = repo.resolve("HEAD")
+    path = repo.add_worktree(worktree_dir(repo, "r1") / "b0", base)
+    (path / "junk.txt").write_text("from a crashed run\n")
+    assert repo.add_worktree(path, base) == path
+    assert not (path / "junk.txt").exists() and git(path, "status", "--porcelain") == ""
+    other = worktree_dir(repo, "r1") / "not-ours"
+    other.mkdir()
+    (other / "keep.txt").write_text("keep\n")
+    with pytest.raises(WorkspaceError, match="not a checkout of flow's"):
+        repo.add_worktree(other, base)
+    assert (other / "keep.txt").read_text() == "keep\n"
+
+
+def test_a_failed_add_worktree_leaves_nothing(repo: Repo) -> None:
+    path = worktree_dir(repo, "r1") / "b0"
+    with pytest.raises(WorkspaceError, match="git checkout failed"):
+        repo.add_worktree(path, "0" * 40)
+    assert not path.exists()
+
+
+def test_the_users_info_exclude_applies_in_the_checkout(repo: Repo) -> None:
+    repo.ensure_excluded("secrets.env")
+    base = repo.resolve("HEAD")
+    path = repo.add_worktree(worktree_dir(repo, "r1") / "b0", base)
+    (path / "secrets.env").write_text("TOKEN=x\n")
+    assert worktree_diff(path, base) == b""
+
+
+def test_remove_worktree_whose_git_dir_the_builder_broke(repo: Repo) -> None:
+    path = repo.add_worktree(worktree_dir(repo, "r1") / "b0", repo.resolve("HEAD"))
+    shutil.rmtree(path / ".git")
+    (path / ".git").write_text(f"gitdir: {repo.git_dir}\n")  # pointing at the user's
+    before = user_repo_snapshot(repo)
     repo.remove_worktree(path)
-    assert not path.exists() and registered(repo) == set()
+    assert not path.exists()
+    assert user_repo_snapshot(repo) == before
+
+
+def test_flows_own_git_calls_ignore_what_the_builder_put_in_the_checkouts_config(
+    repo: Repo, tmp_path: Path
+) -> None:
+    base = repo.resolve("HEAD")
+    path = repo.add_worktree(worktree_dir(repo, "r1") / "b0", base)
+    ran = tmp_path / "ran"
+    program = tmp_path / "program"
+    program.write_text(f'#!/bin/sh\necho "$0" >> {ran}\nexit 1\n')
+    program.chmod(0o755)
+    hooks = path / ".git" / "my-hooks"
+    hooks.mkdir()
+    for name in ("post-index-change", "post-applypatch", "pre-applypatch"):
+        shutil.copy(program, hooks / name)
+    git(path, "config", "core.fsmonitor", str(program))
+    git(path, "config", "core.hooksPath", str(hooks))
+    (path / "NEW.md").write_text("x\n")
+    patch = worktree_diff(path, base)
+    check = repo.add_worktree(worktree_dir(repo, "r1") / "check", base)
+    git(check, "config", "core.fsmonitor", str(program))
+    git(check, "config", "core.hooksPath", str(hooks))
+    apply_patch(check, patch)
+    assert diff_stats(patch)[0] == ["NEW.md"] and (check / "NEW.md").read_text() == "x\n"
+    assert not ran.exists()
+
+
+@pytest.mark.parametrize("damage", ["gitfile", "symlink", "deleted"])
+def test_a_checkout_whose_git_dir_was_replaced_is_refused(
+    repo: Repo, make_repo: MakeRepo, damage: str
+) -> None:
+    base = repo.resolve("HEAD")
+    path = repo.add_worktree(worktree_dir(repo, "r1") / "b0", base)
+    (path / "NEW.md").write_text("x\n")
+    shutil.rmtree(path / ".git")
+    if damage == "gitfile":
+        (path / ".git").write_text(f"gitdir: {repo.git_dir}\n")
+    elif damage == "symlink":
+        (path / ".git").symlink_to(repo.git_dir)
+    before = user_repo_snapshot(repo)
+    objects = sorted(p.name for p in (repo.git_dir / "objects").iterdir())
+    with pytest.raises(WorkspaceError, match=r"\.git is no longer the checkout's own"):
+        worktree_diff(path, base)
+    with pytest.raises(WorkspaceError, match=r"\.git is no longer the checkout's own"):
+        apply_patch(path, b"diff --git a/x b/x\n")
+    assert user_repo_snapshot(repo) == before
+    assert sorted(p.name for p in (repo.git_dir / "objects").iterdir()) == objects
 
 
 def test_add_worktree_is_safe_from_threads(repo: Repo) -> None:
@@ -251,29 +434,46 @@ def test_add_worktree_is_safe_from_threads(repo: Repo) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    assert registered(repo) == {p.resolve() for p in paths}
+    assert all(git(p, "rev-parse", "HEAD") == base for p in paths)
 
 
-def test_remove_run_worktrees(repo: Repo) -> None:
+def test_remove_run_worktrees(repo: Repo, tmp_path: Path) -> None:
     base = repo.resolve("HEAD")
     top = worktree_dir(repo, "r2")
     kept = repo.add_worktree(worktree_dir(repo, "other") / "b0", base)
     paths = [repo.add_worktree(top / f"b{i}", base) for i in range(3)]
-    (top / "stray").mkdir()  # left on disk by a crash, never registered
+    (top / "stray").mkdir()  # left on disk by a crash
     (top / "stray" / "f").write_text("x")
-    assert remove_run_worktrees(repo, "r2") == 4
+    # a builder that locked its files away: read-only and unreadable directories
+    (paths[0] / "ro" / "deep").mkdir(parents=True)
+    (paths[0] / "ro" / "deep" / "f").write_text("x")
+    (paths[0] / "ro" / "deep").chmod(0o000)
+    (paths[0] / "ro").chmod(0o500)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep\n")
+    (top / "link").symlink_to(outside)  # removed as a link, the target left alone
+    (paths[1] / "link").symlink_to(outside)
+    assert remove_run_worktrees(repo, "r2") == 5
     assert not top.exists()
-    assert registered(repo) == {kept}
     assert all(not p.exists() for p in paths)
+    assert (outside / "keep.txt").read_text() == "keep\n"
+    assert git(kept, "rev-parse", "HEAD") == base
     assert remove_run_worktrees(repo, "r2") == 0
 
 
-def test_remove_run_worktrees_prunes_registrations_whose_dirs_are_gone(repo: Repo) -> None:
-    path = repo.add_worktree(worktree_dir(repo, "r3") / "b0", repo.resolve("HEAD"))
-    subprocess.run(["rm", "-rf", str(worktree_dir(repo, "r3"))], check=True)
-    assert remove_run_worktrees(repo, "r3") == 1
-    assert path not in registered(repo)
-    assert not (repo.git_dir / "worktrees" / "b0").exists()
+def test_remove_run_worktrees_unregisters_linked_worktrees_of_older_versions(
+    repo: Repo,
+) -> None:
+    top = worktree_dir(repo, "r3")
+    top.mkdir(parents=True)
+    git(repo.root, "worktree", "add", "-q", "--detach", str(top / "b0"), "HEAD")
+    git(repo.root, "worktree", "add", "-q", "--detach", str(top / "b1"), "HEAD")
+    subprocess.run(["rm", "-rf", str(top / "b1")], check=True)  # gone behind git's back
+    assert len(linked_worktrees(repo)) == 2
+    assert remove_run_worktrees(repo, "r3") == 2
+    assert linked_worktrees(repo) == set()
+    assert not top.exists()
 
 
 # --- candidate diffs ---------------------------------------------------------------
@@ -510,7 +710,7 @@ def test_commit_patch_ignores_whitespace_config(repo: Repo) -> None:
     assert raw(repo.root, "show", f"{sha}:README.md") == b"hello   \n\n\n"
 
 
-def test_commit_patch_from_a_detached_head_with_a_linked_worktree_open(repo: Repo) -> None:
+def test_commit_patch_from_a_detached_head_with_a_builders_checkout_open(repo: Repo) -> None:
     git(repo.root, "checkout", "-q", "--detach")
     base, wt = candidate(repo)
     (wt / "NEW.md").write_text("x\n")

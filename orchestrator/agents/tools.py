@@ -1,10 +1,20 @@
-"""The builder's tools, confined to one worktree."""
+"""The builder's tools, confined to one worktree.
+
+The file tools resolve every path (symlinks included) and refuse anything outside the
+worktree or inside its `.git`; they read only regular files with no other hard link, and
+write by renaming a new file into place, never through a symlink, hard link, FIFO or
+device. `run` is a shell command, confined only by `run_shell`'s network namespace and
+scrubbed environment: it can touch whatever files the user running flow can.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Awaitable, Callable
+import stat
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +22,10 @@ from orchestrator.llm.messages import ToolCall, ToolSpec
 from orchestrator.proc import run_shell, sandbox_env
 
 MAX_READ_BYTES = 200_000
+MAX_EDIT_BYTES = 5_000_000
+MAX_SEARCH_BYTES = 1_000_000
+"""Per file; the rest of a longer file is not searched."""
+MAX_PATH_CHARS = 1024
 MAX_LIST = 400
 MAX_MATCHES = 200
 
@@ -61,7 +75,10 @@ TOOL_SPECS = [
     ),
     ToolSpec(
         name="run",
-        description="Run a shell command in the repository root (timeout, output capped).",
+        description=(
+            "Run a shell command in the repository root (timeout, output capped). "
+            "Expect no network access: install and download nothing."
+        ),
         parameters=_schema({"command": _S}, ["command"]),
     ),
     ToolSpec(
@@ -95,6 +112,8 @@ class Tools:
             raise ToolError("path must be a non-empty string relative to the repository root")
         if "\x00" in path:
             raise ToolError("path contains a NUL byte")
+        if len(path) > MAX_PATH_CHARS or any(len(p.encode()) > 255 for p in path.split("/")):
+            raise ToolError(f"{path[:60]}…: path too long")
         candidate = Path(os.path.realpath(self.root / path))
         if candidate != self.root and self.root not in candidate.parents:
             raise ToolError(f"{path}: outside the repository; use a path relative to its root")
@@ -115,12 +134,11 @@ class Tools:
             return await handler(**args)
         except TypeError as err:
             raise ToolError(f"bad arguments for {call.name}: {err}") from None
+        except OSError as err:  # e.g. a symlink loop, a full disk: the model may try otherwise
+            raise ToolError(f"{call.name} failed: {err.strerror or err}") from None
 
     async def read_file(self, path: str) -> str:
-        target = self.resolve(path)
-        if not target.is_file():
-            raise ToolError(f"{path}: no such file")
-        data = target.read_bytes()[:MAX_READ_BYTES]
+        data = _read_regular(self.resolve(path), path, MAX_READ_BYTES)
         if b"\x00" in data:
             raise ToolError(f"{path}: binary file")
         return data.decode("utf-8", errors="replace")
@@ -130,7 +148,7 @@ class Tools:
         if not base.is_dir():
             raise ToolError(f"{path}: not a directory")
         out: list[str] = []
-        for dirpath, dirnames, filenames in os.walk(base):
+        for dirpath, dirnames, filenames in os.walk(base):  # never descends into a symlink
             dirnames[:] = sorted(d for d in dirnames if d != ".git")
             for name in sorted(filenames):
                 if name == ".git":  # a worktree's .git is a file pointing at git internals
@@ -145,18 +163,16 @@ class Tools:
             regex = re.compile(pattern)
         except re.error as err:
             raise ToolError(f"bad regular expression: {err}") from None
-        base = self.resolve(path)
-        files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
         hits: list[str] = []
-        for file in files:
+        for file in _regular_files(self.resolve(path)):
             rel = file.relative_to(self.root)
-            if rel.parts and rel.parts[0] == ".git":
-                continue
             try:
-                text = file.read_text(encoding="utf-8")
-            except (UnicodeDecodeError, OSError):
+                data = _read_regular(file, str(rel), MAX_SEARCH_BYTES)
+            except ToolError:  # vanished or replaced since the walk
                 continue
-            for no, line in enumerate(text.splitlines(), 1):
+            if b"\x00" in data:
+                continue
+            for no, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
                 if regex.search(line):
                     hits.append(f"{rel}:{no}: {line[:200]}")
                     if len(hits) >= MAX_MATCHES:
@@ -168,30 +184,101 @@ class Tools:
         if target.is_dir():
             raise ToolError(f"{path}: is a directory")
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(content, encoding="utf-8")
-        return f"wrote {len(content.encode())} bytes to {target.relative_to(self.root)}"
+        data = content.encode("utf-8", errors="replace")
+        _write_regular(target, data)
+        return f"wrote {len(data)} bytes to {target.relative_to(self.root)}"
 
     async def edit_file(self, path: str, old: str, new: str) -> str:
         target = self.resolve(path)
-        if not target.is_file():
-            raise ToolError(f"{path}: no such file")
-        text = target.read_text(encoding="utf-8")
+        data = _read_regular(target, path, MAX_EDIT_BYTES + 1)
+        if len(data) > MAX_EDIT_BYTES:
+            raise ToolError(f"{path}: over {MAX_EDIT_BYTES} bytes; edit it with `run`")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ToolError(f"{path}: not UTF-8 text; edit it with `run`") from None
         count = text.count(old) if old else 0
         if count != 1:
             raise ToolError(f"{path}: `old` must match exactly once (found {count} matches)")
-        target.write_text(text.replace(old, new, 1), encoding="utf-8")
+        _write_regular(target, text.replace(old, new, 1).encode("utf-8", errors="replace"))
         return f"edited {target.relative_to(self.root)}"
 
     async def run(self, command: str) -> str:
+        # `git config --global/--system` writes to the clone, not to the user's own config.
+        own = str(self.root / ".git" / "flow-user.gitconfig")
         result = await run_shell(
             command,
             self.root,
             timeout_s=self.command_timeout_s,
             output_cap=self.output_cap,
-            env=sandbox_env(),
+            env=sandbox_env({"GIT_CONFIG_GLOBAL": own, "GIT_CONFIG_SYSTEM": own}),
+            isolate_network=True,
         )
         status = "timed out" if result.timed_out else f"exit code {result.exit_code}"
         return f"[{status}]\n{result.output}"
 
     async def finish(self, summary: str = "") -> str:
         raise Submitted(str(summary))
+
+
+def _read_regular(target: Path, shown: str, limit: int) -> bytes:
+    """At most `limit` bytes of a regular file; FIFOs, devices and hard links are refused."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(target, flags)
+    except FileNotFoundError:
+        raise ToolError(f"{shown}: no such file") from None
+    except OSError as err:
+        raise ToolError(f"{shown}: cannot be read ({err.strerror})") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ToolError(f"{shown}: is a directory")
+        if not stat.S_ISREG(info.st_mode):
+            raise ToolError(f"{shown}: not a regular file")
+        if info.st_nlink > 1:  # its other name may be anywhere, outside the worktree too
+            raise ToolError(f"{shown}: has other hard links; copy it with `run` to read it")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read(limit)
+    finally:
+        os.close(fd)
+
+
+def _write_regular(target: Path, data: bytes) -> None:
+    """Put `data` at `target` by renaming a new file over it (its mode is kept).
+
+    A rename replaces the directory entry itself: whatever was there (a symlink, a hard
+    link to a file elsewhere, a FIFO) is replaced, never written through.
+    """
+    try:
+        old = os.lstat(target).st_mode
+    except FileNotFoundError:
+        old = 0
+    mode = stat.S_IMODE(old) if stat.S_ISREG(old) else 0o644
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".flow-write-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _regular_files(base: Path) -> Iterator[Path]:
+    """`base` if a regular file, else the regular files under it, sorted; no symlinks, no .git."""
+    if base.is_file():
+        yield base
+        return
+    for dirpath, dirnames, filenames in os.walk(base):  # never descends into a symlink
+        dirnames[:] = sorted(d for d in dirnames if d != ".git")
+        for name in sorted(filenames):
+            file = Path(dirpath) / name
+            try:
+                regular = stat.S_ISREG(file.lstat().st_mode)
+            except OSError:  # gone since the listing
+                continue
+            if regular and name != ".git":
+                yield file
