@@ -66,10 +66,25 @@ def network_isolation() -> str | None:
 
     Probed once per process by running a trivial command under each candidate.
     """
+    return _probe(_NETNS_FLAGS)
+
+
+@functools.cache
+def user_isolation() -> str | None:
+    """The prefix that starts a program in a new user namespace, network kept; None if impossible.
+
+    For the spec's checks: they run the candidate's code and need the network as the user's
+    own commands would, but must not read flow's environment (API keys) or memory through
+    /proc, which a process in a child user namespace cannot.
+    """
+    return _probe((("--user", "--map-root-user"),))
+
+
+def _probe(flag_sets: tuple[tuple[str, ...], ...]) -> str | None:
     unshare = shutil.which("unshare")
     if unshare is None:
         return None
-    for flags in _NETNS_FLAGS:
+    for flags in flag_sets:
         prefix = [unshare, *flags]
         try:
             probe = subprocess.run(
@@ -98,7 +113,8 @@ def describe_isolation() -> str:
     mode = network_isolation()
     rest = (
         "they can still read and write every file (and Unix socket) the user running flow "
-        "can, and the spec's checks always run without this isolation."
+        "can. The spec's checks keep the network but run in a user namespace of their own "
+        "(where the machine allows one), so they cannot read flow's environment either."
     )
     if mode is None:
         return (
@@ -120,12 +136,12 @@ def describe_isolation() -> str:
     )
 
 
-def _argv(command: str, isolation: str | None) -> list[str]:
-    """/bin/sh -c command, in a new network namespace when `isolation` names the prefix."""
+def _argv(command: str, isolation: str | None, *, loopback: bool) -> list[str]:
+    """/bin/sh -c command, under the `isolation` prefix (namespaces) when one is given."""
     if isolation is None:
         return ["/bin/sh", "-c", command]
     ip = _ip_command()
-    if ip is None:
+    if ip is None or not loopback:
         return [*shlex.split(isolation), "/bin/sh", "-c", command]
     # A loopback of its own lets a command talk to servers it started itself; it reaches
     # nothing outside the namespace. The exec keeps the shell's pid, so the group is the same.
@@ -209,21 +225,28 @@ async def run_shell(
     output_cap: int,
     env: dict[str, str] | None = None,
     isolate_network: bool = False,
+    isolate_user: bool = False,
 ) -> CommandResult:
     """Run `command` with /bin/sh in `cwd`; the whole process group dies when it ends.
 
     `isolate_network` runs it in a new network namespace where this machine allows one
     (see `network_isolation`), silently without where not. Builders' commands ask for it;
-    the spec's checks do not: they are the user's own commands, run as the user would.
+    the spec's checks ask for `isolate_user` instead: the user's own commands, with the
+    network, but unable to read flow's environment (API keys) or memory.
     """
     started = time.monotonic()
-    isolation = await asyncio.to_thread(network_isolation) if isolate_network else None
+    if isolate_network:
+        isolation = await asyncio.to_thread(network_isolation)
+    elif isolate_user:
+        isolation = await asyncio.to_thread(user_isolation)
+    else:
+        isolation = None
     out = _CappedOutput(output_cap)
     proto = _Collector(out)
     spawn = asyncio.ensure_future(
         asyncio.get_running_loop().subprocess_exec(
             lambda: proto,
-            *_argv(command, isolation),
+            *_argv(command, isolation, loopback=isolate_network),
             cwd=cwd,
             env=sandbox_env() if env is None else env,
             stdin=subprocess.DEVNULL,

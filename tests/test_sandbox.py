@@ -290,3 +290,37 @@ async def test_removal_leaves_nothing_even_after_a_hostile_builder(box: Box) -> 
     assert remove_run_worktrees(box.repo, "run") == 1
     assert not box.wt.exists() and not box.wt.parent.exists()
     assert box.secret.read_text() == SECRET  # the symlinks went, not what they point at
+
+
+async def test_checks_keep_the_network_but_cannot_read_flows_environment(tmp_path: Path) -> None:
+    """The spec's checks run the candidate's code: they must not see flow's API keys."""
+    import subprocess
+
+    from orchestrator.proc import run_shell, user_isolation
+
+    assert user_isolation() is not None, "this machine allows user namespaces"
+    # A process started with a key in its environment, as flow is.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        env={**os.environ, "PLANTED_API_KEY": "sk-planted-check-secret"},
+    )
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    try:
+        spy = f"cat /proc/{holder.pid}/environ | tr '\\0' '\\n' | grep PLANTED"
+        leaked = await run_shell(spy, tmp_path, timeout_s=10, output_cap=4000, isolate_user=True)
+        assert "sk-planted-check-secret" not in leaked.output
+        plain = await run_shell(spy, tmp_path, timeout_s=10, output_cap=4000)
+        assert "sk-planted-check-secret" in plain.output  # the spy works without isolation
+        connect = (
+            f"python3 -c \"import socket; socket.create_connection(('127.0.0.1', {port}),"
+            ' timeout=5)"'
+        )
+        net = await run_shell(connect, tmp_path, timeout_s=10, output_cap=4000, isolate_user=True)
+        assert net.exit_code == 0, net.output  # checks keep the machine's network
+    finally:
+        server.close()
+        holder.kill()
+        holder.wait()

@@ -44,6 +44,7 @@ async def _run_checks(ctx: Context, task: CheckTask) -> list[CheckResult]:
                 timeout_s=settings.timeout_s,
                 output_cap=settings.output_cap_bytes,
                 env=sandbox_env(),
+                isolate_user=True,
             )
             results.append(
                 CheckResult(
