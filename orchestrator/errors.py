@@ -32,3 +32,7 @@ class ProviderError(FlowError):
         super().__init__(message)
         self.retryable = retryable
         self.status = status
+
+
+class AuthenticationFailed(ProviderError):
+    """The provider refused the key: every later call would fail too, so the run stops."""

@@ -22,7 +22,7 @@ from orchestrator.config import (
     resolve_api_key,
     secret_values,
 )
-from orchestrator.errors import ConfigError, ProviderError
+from orchestrator.errors import AuthenticationFailed, ConfigError, ProviderError
 from orchestrator.events import ModelCall, Notice
 from orchestrator.ledger import Ledger
 from orchestrator.llm import wire
@@ -306,7 +306,7 @@ class Door:
                 where = f"the environment variable {ref}"
             else:
                 where = f"providers.{rm.provider}.api_key"
-            return ProviderError(
+            return AuthenticationFailed(
                 f"{rm.name}: the provider refused the API key (HTTP {status}); check {where}",
                 retryable=False,
                 status=status,

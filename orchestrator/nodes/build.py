@@ -11,7 +11,7 @@ from orchestrator.agents.builder import Builder, BuildOutcome
 from orchestrator.agents.prompts import build_request
 from orchestrator.agents.tools import Tools
 from orchestrator.context import Context
-from orchestrator.errors import BudgetExceeded
+from orchestrator.errors import AuthenticationFailed, BudgetExceeded
 from orchestrator.events import BuilderUpdate
 from orchestrator.state import BuildTask, Candidate
 from orchestrator.workspace import diff_stats, worktree_diff
@@ -67,6 +67,8 @@ async def build(task: BuildTask, runtime: Runtime[Context]) -> dict[str, object]
         )
         try:
             outcome = await builder.run(build_request(ctx.spec.body, task.plan, ctx.spec.checks))
+        except AuthenticationFailed:
+            raise  # a refused key fails every builder: stop the run and say which key
         except Exception as err:  # the boundary: any failure becomes this candidate's record
             outcome = builder.outcome
             outcome.error = ctx.redact(_short(err))
@@ -77,6 +79,8 @@ async def build(task: BuildTask, runtime: Runtime[Context]) -> dict[str, object]
                 )
         error = outcome.error
         patch = await asyncio.to_thread(worktree_diff, path, task.base_sha)
+    except AuthenticationFailed:
+        raise
     except Exception as err:  # worktree or diff failure: record it, never cancel siblings
         error = ctx.redact(_short(err))
     finally:

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from orchestrator.agents.prompts import PLANNER_SYSTEM, SUBMIT_PLAN, plan_request
 from orchestrator.context import Context
-from orchestrator.errors import BudgetExceeded, ProviderError
+from orchestrator.errors import AuthenticationFailed, BudgetExceeded, ProviderError
 from orchestrator.events import Notice, StageStarted
 from orchestrator.llm.messages import Message
 from orchestrator.spec import Spec
@@ -52,6 +52,8 @@ async def plan(state: RunState, runtime: Runtime[Context]) -> dict[str, object]:
             raise ValueError("the planner did not call submit_plan")
         result = Plan.model_validate(calls[0].parsed())
         return {"plan": result}
+    except AuthenticationFailed:
+        raise
     except (BudgetExceeded, ProviderError, ValueError, ValidationError) as err:
         reason = ctx.redact(str(err).splitlines()[0] if str(err) else type(err).__name__)
         ctx.events.emit(

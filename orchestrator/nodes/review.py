@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from orchestrator.agents.prompts import REVIEWER_SYSTEM, SUBMIT_REVIEW, review_request
 from orchestrator.context import Context
-from orchestrator.errors import BudgetExceeded, ProviderError
+from orchestrator.errors import AuthenticationFailed, BudgetExceeded, ProviderError
 from orchestrator.events import ReviewDone
 from orchestrator.llm.messages import Message
 from orchestrator.state import Review, ReviewTask
@@ -66,6 +66,8 @@ async def review(task: ReviewTask, runtime: Runtime[Context]) -> dict[str, objec
                 "findings": [ctx.redact(f) for f in got.findings],
             }
         )
+    except AuthenticationFailed:
+        raise
     except (BudgetExceeded, ProviderError, ValueError, ValidationError) as err:
         first = str(err).strip().splitlines()
         record.error = ctx.redact(first[0] if first else type(err).__name__)

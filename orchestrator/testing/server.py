@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,11 +31,14 @@ from orchestrator.llm.scripted import ScriptedModel
 
 @dataclass
 class ServerReply:
-    """A raw HTTP reply: sent exactly as given."""
+    """A raw HTTP reply: sent exactly as given, or broken on purpose by `fault`."""
 
     status: int
     body: dict[str, Any] | str | bytes = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
+    fault: Literal["hang", "reset", "truncate"] | None = None
+    """hang: never answer (until the server stops); reset: drop the connection with a TCP
+    reset before answering; truncate: promise the whole body, send half, close."""
 
 
 Handler = Callable[[dict[str, Any]], "dict[str, Any] | ServerReply"]
@@ -115,6 +120,14 @@ class _RequestHandler(BaseHTTPRequestHandler):
         return None  # keep test output quiet
 
     def _send(self, reply: ServerReply) -> None:
+        if reply.fault == "hang":
+            self.server.owner.stopping.wait()
+            return
+        if reply.fault == "reset":
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+            self.close_connection = True
+            return
         body = reply.body
         if isinstance(body, dict):
             data = json.dumps(body).encode()
@@ -128,6 +141,12 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
+        if reply.fault == "truncate":
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+            return
         self.wfile.write(data)
 
     def do_POST(self) -> None:
@@ -174,6 +193,8 @@ class ChatServer:
         self.max_in_flight = 0
         self._in_flight = 0
         self._lock = threading.Lock()
+        self.stopping = threading.Event()
+        """Set when the server stops; hung replies wait for it."""
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -206,6 +227,7 @@ class ChatServer:
         return self
 
     def stop(self) -> None:
+        self.stopping.set()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
