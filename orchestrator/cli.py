@@ -6,7 +6,7 @@ import sys
 import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -141,13 +141,14 @@ def run(
     keep: KeepOpt = False,
 ) -> None:
     """Run one spec end to end: plan, build ×N, check, review, select, commit to a branch."""
-    from orchestrator.runner import RunOptions, run_spec
+    from orchestrator.runner import RunOptions, preflight, run_spec
     from orchestrator.spec import load_spec
 
     repository = _repo(repo)
     parsed = load_spec(spec)
     layers = _layers(repository, config, profile, set_)
     loaded = layers.resolve(parsed.models, f"{spec}: models")
+    preflight(parsed, loaded, repository)  # user errors before the live view starts
     options = RunOptions(
         builders=builders,
         budget_usd=budget,
@@ -382,10 +383,38 @@ def models(
             console.print(f"[yellow]warning[/]: {row.name}: {warning}")
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C: tasks cancelled, checkouts removed
+
+
+def _usage_error() -> type[Exception]:
+    """Click's UsageError as typer uses it (typer vendors its own click)."""
+    for cls in typer.BadParameter.__mro__:
+        if cls.__name__ == "UsageError" and issubclass(cls, Exception):
+            return cls
+    return typer.BadParameter
+
+
 def main() -> None:
+    import signal
+
     debug = "--debug" in sys.argv
+    signal.signal(signal.SIGTERM, _terminate)
+    usage_error = _usage_error()
     try:
-        app()
+        code = app(standalone_mode=False)
+    except usage_error as err:
+        ctx: Any = getattr(err, "ctx", None)
+        if type(err).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            typer.echo(ctx.get_help())
+            sys.exit(0)
+        where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+        message = err.format_message() if hasattr(err, "format_message") else str(err)
+        typer.echo(f"flow: {message.rstrip('.')}{where}", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("flow: interrupted; `flow status` lists what can be resumed", err=True)
+        sys.exit(130)
     except FlowError as err:
         if debug:
             traceback.print_exc()
@@ -394,3 +423,4 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("flow: interrupted; `flow status` lists what can be resumed", err=True)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

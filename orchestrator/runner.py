@@ -121,7 +121,20 @@ def flow_dir(repo: Repo) -> Path:
 
 def preflight(spec: Spec, loaded: LoadedConfig, repo: Repo) -> str:
     """Everything that can be wrong before money is spent; returns the base commit."""
-    base_sha = repo.resolve(spec.base or "HEAD")
+    from orchestrator.nodes.check import missing_programs
+
+    try:
+        base_sha = repo.resolve(spec.base or "HEAD")
+    except WorkspaceError as err:
+        raise WorkspaceError(
+            f"{spec.path}: base: {err}; set `base:` to a branch, tag or commit of the repository"
+        ) from None
+    missing = missing_programs(spec.checks, lambda path: repo.has_file(base_sha, path))
+    if missing:
+        raise WorkspaceError(
+            f"{spec.path}: checks: {missing[0]!r} is not installed (not on "
+            "PATH, nor a file of the repository); install it or fix the command"
+        )
     if repo.branch_exists(spec.branch):
         raise WorkspaceError(
             f"{spec.path}: branch {spec.branch!r} already exists in {repo.root}; "
@@ -134,7 +147,12 @@ def preflight(spec: Spec, loaded: LoadedConfig, repo: Repo) -> str:
         *(r.model for r in stages.reviewers),
     }
     for name in sorted(used):
-        resolve_api_key(loaded.model(name))
+        model = loaded.model(name)
+        resolve_api_key(model)
+        if model.scripted and model.script is not None:
+            from orchestrator.llm.scripted import ScriptedModel
+
+            ScriptedModel(name, model.script)  # a missing or broken script fails here, not mid-run
     return base_sha
 
 

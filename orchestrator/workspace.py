@@ -179,6 +179,10 @@ class Repo:
     def branch_exists(self, name: str) -> bool:
         return _ok(self.root, "show-ref", "--verify", "--quiet", f"refs/heads/{name}")
 
+    def has_file(self, sha: str, path: str) -> bool:
+        """Whether `path` exists in the tree of commit `sha`."""
+        return _ok(self.root, "cat-file", "-e", f"{sha}:{path}")
+
     def head_label(self) -> str:
         branch = _run(self.root, ("symbolic-ref", "--quiet", "--short", "HEAD"), check=False)
         if branch.returncode == 0:
