@@ -84,14 +84,36 @@ def _live(as_json: bool, is_batch: bool, job: Callable[[EventSink], Awaitable[T]
 
     from orchestrator.ui import BatchView, JsonSink, LiveView
 
+    from orchestrator.errors import Interrupted
+    from orchestrator.events import BatchStarted, Event, RunStarted
+
+    started: list[str] = []
+
+    class Watch:
+        """Passes events on, remembering what could be resumed."""
+
+        def __init__(self, inner: EventSink):
+            self.inner = inner
+
+        def emit(self, event: Event) -> None:
+            if isinstance(event, BatchStarted):
+                started.insert(0, event.batch_id)
+            elif isinstance(event, RunStarted) and not is_batch:
+                started.append(event.run_id)
+            self.inner.emit(event)
+
     async def go() -> T:
         if as_json:
-            return await job(JsonSink())
+            return await job(Watch(JsonSink()))
         view = BatchView(Console()) if is_batch else LiveView(Console())
         with view:
-            return await job(view)
+            return await job(Watch(view))
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    except KeyboardInterrupt:
+        what = f"; finish it with `flow resume {started[0]}`" if started else ""
+        raise Interrupted(f"interrupted, checkouts removed{what}") from None
 
 
 @app.command()

@@ -36,3 +36,9 @@ class ProviderError(FlowError):
 
 class AuthenticationFailed(ProviderError):
     """The provider refused the key: every later call would fail too, so the run stops."""
+
+
+class Interrupted(FlowError):
+    """Ctrl-C or SIGTERM: the run stopped cleanly and can be resumed."""
+
+    exit_code = 130

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+
 MASK = "[REDACTED]"
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
+_MIN_SECRET = 8
+
+
+def environment_secrets(environ: Mapping[str, str]) -> list[str]:
+    """Values of environment variables whose names say they are secrets."""
+    return [v for k, v in environ.items() if _SECRET_NAME.search(k) and len(v) >= _MIN_SECRET]
 
 
 class Redactor:
     def __init__(self, secrets: list[str] | None = None):
         self.secrets = sorted({s for s in secrets or [] if len(s) >= 6}, key=len, reverse=True)
+
+    def found_in(self, data: bytes) -> bool:
+        """Whether any secret occurs in `data` (a patch, a file)."""
+        return any(s.encode() in data for s in self.secrets)
 
     def __call__(self, text: str) -> str:
         for secret in self.secrets:

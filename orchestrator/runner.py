@@ -19,7 +19,7 @@ from orchestrator.context import Context
 from orchestrator.errors import WorkspaceError
 from orchestrator.events import Event, RunFinished, RunStarted
 from orchestrator.protocols import EventSink
-from orchestrator.redact import Redactor
+from orchestrator.redact import Redactor, environment_secrets
 from orchestrator.spec import Spec
 from orchestrator.state import (
     Applied,
@@ -236,7 +236,7 @@ async def _run(
     run_dir.mkdir(parents=True, exist_ok=True)
     store = Store(fdir / "ledger.sqlite")
     ledger = Ledger(fdir / "ledger.sqlite")
-    redact = Redactor(secret_values(loaded))
+    redact = Redactor(secret_values(loaded) + environment_secrets(os.environ))
     sink = RedactingSink(events, redact)
     limit = (
         options.budget_usd if options.budget_usd is not None else loaded.config.budget.per_run_usd

@@ -31,7 +31,7 @@ from orchestrator.llm.messages import Completion, Message, ToolSpec, Usage
 from orchestrator.llm.quirks import quirk_hint
 from orchestrator.llm.scripted import ScriptedModel
 from orchestrator.protocols import EventSink, NullSink
-from orchestrator.redact import Redactor
+from orchestrator.redact import Redactor, environment_secrets
 
 ALLOW_ENV = "FLOW_ALLOW_MODEL_REQUESTS"
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -344,7 +344,7 @@ class Door:
                 outcome=outcome,
                 error=error,
                 request_key=rkey,
-                response=response,
+                response=self._redacted(response),
             )
         self.events.emit(
             ModelCall(
@@ -416,6 +416,14 @@ class Door:
         if self._redactor is None:
             env = os.environ if self._environ is None else self._environ
             # litellm-routed models read vendor keys from the environment itself.
-            vendor = [v for k, v in env.items() if k.endswith("_KEY")]
+            vendor = environment_secrets(env)
             self._redactor = Redactor(secret_values(self.loaded, self._env_dict()) + vendor)
         return self._redactor(text)
+
+    def _redacted(self, completion: Completion | None) -> Completion | None:
+        """What is stored for replay: a reply that echoed a key keeps no copy of it on disk."""
+        if completion is None:
+            return None
+        text = completion.model_dump_json()
+        clean = self._redact(text)
+        return completion if clean == text else Completion.model_validate_json(clean)

@@ -109,9 +109,17 @@ def _candidate(
         prompt_tokens=outcome.prompt_tokens,
         completion_tokens=outcome.completion_tokens,
         cost_usd=outcome.cost_usd,
-        summary=outcome.summary,
+        summary=ctx.redact(outcome.summary),
         models_used=outcome.models_used,
     )
+    if patch and ctx.redact.found_in(patch):
+        # Never commit a key, and keep no copy of it in the run directory.
+        return record.model_copy(
+            update={
+                "status": "failed",
+                "error": "the diff contains an API key or other secret; discarded",
+            }
+        )
     if not patch:
         return record.model_copy(update={"status": "failed" if error else "empty"})
     name = f"candidates/build-{task.index}.patch"

@@ -52,7 +52,7 @@ async def _run_checks(ctx: Context, task: CheckTask) -> list[CheckResult]:
             )
             results.append(
                 CheckResult(
-                    command=command,
+                    command=ctx.redact(command),
                     exit_code=out.exit_code,
                     timed_out=out.timed_out,
                     passed=out.exit_code == 0 and not out.timed_out,

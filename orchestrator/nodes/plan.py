@@ -50,7 +50,9 @@ async def plan(state: RunState, runtime: Runtime[Context]) -> dict[str, object]:
         calls = [c for c in reply.message.tool_calls if c.name == SUBMIT_PLAN.name]
         if not calls:
             raise ValueError("the planner did not call submit_plan")
-        result = Plan.model_validate(calls[0].parsed())
+        result = Plan.model_validate_json(
+            ctx.redact(Plan.model_validate(calls[0].parsed()).model_dump_json())
+        )
         return {"plan": result}
     except AuthenticationFailed:
         raise
