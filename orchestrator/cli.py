@@ -82,10 +82,9 @@ def _live(as_json: bool, is_batch: bool, job: Callable[[EventSink], Awaitable[T]
 
     from rich.console import Console
 
-    from orchestrator.ui import BatchView, JsonSink, LiveView
-
     from orchestrator.errors import Interrupted
     from orchestrator.events import BatchStarted, Event, RunStarted
+    from orchestrator.ui import BatchView, JsonSink, LiveView
 
     started: list[str] = []
 
