@@ -9,19 +9,50 @@ from orchestrator.ledger import Ledger
 from orchestrator.state import Candidate, CandidateChecks, Plan, Review, RunState, Selection
 from orchestrator.store import BatchItem, BatchRecord, RunRecord, Store
 
+REASONING_CHARS = 4000
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
+def _reasoning_block(texts: list[str]) -> list[str]:
+    """The builder's reasoning, collapsed: it explains choices but is long."""
+    body = "\n\n".join(f"turn {i}: {t.strip()}" for i, t in enumerate(texts, 1) if t.strip())
+    if not body:
+        return []
+    if len(body) > REASONING_CHARS:
+        body = (
+            body[:REASONING_CHARS]
+            + f"\n[… {len(body) - REASONING_CHARS} chars more in the transcript]"
+        )
+    return [
+        "",
+        f"<details><summary>builder's reasoning ({_n(len(texts), 'turn')})</summary>",
+        "",
+        *body.splitlines(),
+        "",
+        "</details>",
+        "",
+    ]
+
 
 def _candidate_section(
-    c: Candidate, checks: CandidateChecks | None, reviews: list[Review], winner: int | None
+    c: Candidate,
+    checks: CandidateChecks | None,
+    reviews: list[Review],
+    winner: int | None,
+    reasoning: list[str] | None = None,
 ) -> list[str]:
     mark = " — **winner**" if c.index == winner else ""
     lines = [f"### Candidate #{c.index}: `{c.model}` (family {c.family}){mark}", ""]
     lines.append(f"- status: {c.status}" + (f" ({c.error})" if c.error else ""))
     lines.append(
-        f"- diff: {len(c.files)} files, +{c.added} −{c.removed}"
+        f"- diff: {_n(len(c.files), 'file')}, +{c.added} −{c.removed}"
         + (f" ([patch]({c.patch}))" if c.patch else "")
     )
     lines.append(
-        f"- builder: {c.turns} turns, {c.prompt_tokens + c.completion_tokens} tokens, "
+        f"- builder: {_n(c.turns, 'turn')}, {c.prompt_tokens + c.completion_tokens} tokens, "
         f"${c.cost_usd:.4f}"
     )
     if c.summary:
@@ -58,6 +89,7 @@ def _candidate_section(
     done = [r.score for r in reviews if r.error is None]
     if done:
         lines.append(f"- mean review score: {mean(done):.2f}")
+    lines += _reasoning_block(reasoning or [])
     return [*lines, ""]
 
 
@@ -72,6 +104,7 @@ def render_markdown(
     outcome: str,
     dirty_note: str | None = None,
     spend: dict[str, dict[str, float]] | None = None,
+    reasoning: dict[int, list[str]] | None = None,
 ) -> str:
     plan: Plan | None = state.get("plan")
     selection: Selection | None = state.get("selection")
@@ -100,7 +133,11 @@ def render_markdown(
     lines += ["", "## Candidates", ""]
     for c in sorted(state.get("candidates", []), key=lambda c: c.index):
         lines += _candidate_section(
-            c, checks.get(c.index), [r for r in reviews if r.candidate == c.index], winner
+            c,
+            checks.get(c.index),
+            [r for r in reviews if r.candidate == c.index],
+            winner,
+            (reasoning or {}).get(c.index),
         )
     if spend:
         lines += ["## Spend", ""]

@@ -559,3 +559,16 @@ def test_reasoning_details_round_trip_and_switch_off() -> None:
     assert sent["reasoning_details"] == details and sent["reasoning_content"] == "plan"
     off = wire.message_to_wire(message, DEFAULTS.over(Quirks(reasoning_passback=False)))
     assert "reasoning_details" not in off and "reasoning_content" not in off
+
+
+def test_empty_reasoning_on_a_tool_call_is_kept_for_the_next_turn() -> None:
+    from orchestrator.llm.wire import message_from_wire, messages_to_wire
+
+    call = {"id": "c1", "type": "function", "function": {"name": "read_file", "arguments": "{}"}}
+    with_call = message_from_wire(
+        {"role": "assistant", "content": None, "reasoning_content": "", "tool_calls": [call]}
+    )
+    assert with_call.reasoning_content == ""
+    assert messages_to_wire([with_call])[0]["reasoning_content"] == ""
+    plain = message_from_wire({"role": "assistant", "content": "hi", "reasoning_content": ""})
+    assert plain.reasoning_content is None

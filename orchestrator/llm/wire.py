@@ -113,13 +113,16 @@ def message_from_wire(data: dict[str, Any]) -> Message:
             value = data.get(key) or (nested.get(key) if isinstance(nested, dict) else None)
             if value:
                 extra[key] = value
+    reasoning = data.get("reasoning_content")
+    if not isinstance(reasoning, str) or (reasoning == "" and not calls):
+        reasoning = None  # an empty one is kept on tool calls: DeepSeek wants it sent back
     return Message(
         role=data.get("role", "assistant"),
         content=_text(data.get("content")),
         tool_calls=calls,
         tool_call_id=data.get("tool_call_id"),
         name=data.get("name"),
-        reasoning_content=data.get("reasoning_content") or None,
+        reasoning_content=reasoning,
         provider_fields=extra,
     )
 

@@ -35,6 +35,7 @@ async def report(state: RunState, runtime: Runtime[Context]) -> dict[str, object
         outcome=outcome_of(state),
         dirty_note=ctx.dirty_note,
         spend={d: ctx.ledger.by(d, ctx.run_id) for d in ("stage", "model", "provider")},
+        reasoning={c.index: _reasoning(ctx, c.index) for c in state.get("candidates", [])},
     )
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     (ctx.run_dir / "report.md").write_text(ctx.redact(text), encoding="utf-8")
@@ -55,3 +56,19 @@ async def report(state: RunState, runtime: Runtime[Context]) -> dict[str, object
         ctx.redact(json.dumps(summary, indent=2)), encoding="utf-8"
     )
     return {}
+
+
+def _reasoning(ctx: Context, index: int) -> list[str]:
+    """The reasoning each builder turn returned, from its (already redacted) transcript."""
+    path = ctx.run_dir / "transcripts" / f"build-{index}.jsonl"
+    if not path.exists():
+        return []
+    texts = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            message = json.loads(line)
+        except ValueError:
+            continue
+        if message.get("role") == "assistant" and message.get("reasoning_content"):
+            texts.append(str(message["reasoning_content"]))
+    return texts
