@@ -143,6 +143,8 @@ def validate(
         )
     for model in loaded.models.values():
         resolve_api_key(model)
+    for name in layers.profile_names():
+        layers.with_profile(name).resolve()  # every profile must be usable, not only this one
     typer.echo(
         f"ok  {loaded.path or 'config'}: {len(loaded.models)} models, "
         f"{len(loaded.config.stages.reviewers)} reviewers"

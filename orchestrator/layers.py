@@ -213,6 +213,13 @@ class Layers:
             repo_file = None
         return cls(files=layers, repo_config=repo_file, profile=profile, sets=list(sets or []))
 
+    def profile_names(self) -> list[str]:
+        merged, _ = merge(self.files)
+        return sorted(merged.get("profiles") or {})
+
+    def with_profile(self, profile: str | None) -> Layers:
+        return Layers(self.files, self.repo_config, profile=profile, sets=self.sets)
+
     def layers(
         self, spec_models: dict[str, Any] | None = None, spec_source: str = "spec"
     ) -> list[Layer]:

@@ -371,3 +371,14 @@ def test_builder_fallback_over_http(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert served.count("glm-down") == 1  # failed once, then the builder stayed on glm-sim
     report = (demo.repo / ".flow" / "runs" / summary["run_id"] / "report.md").read_text()
     assert "fallback at build: glm-down → glm-sim" in report
+
+
+def test_validate_checks_every_profile(tmp_path: Path) -> None:
+    demo = prepare_demo(tmp_path)
+    data = yaml.safe_load(demo.config.read_text())
+    data["profiles"] = {"ok": {"builders": ["glm-sim"]}, "broken": {"builders": ["ghost"]}}
+    write(demo.config, data)
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "validate", str(demo.spec),
+                          "--config", str(demo.config)], cwd=demo.repo, capture_output=True,
+                         text=True)
+    assert out.returncode == 2 and "ghost" in out.stderr
