@@ -25,7 +25,8 @@ async def check(task: CheckTask, runtime: Runtime[Context]) -> dict[str, object]
     report = CandidateChecks(candidate=cand.index)
     if ctx.spec.checks and cand.patch:
         report.results = await _run_checks(ctx, task)
-    summary = ", ".join(("pass" if r.passed else "fail") for r in report.results) or "no checks"
+    done = sum(r.passed for r in report.results)
+    summary = f"{done}/{len(report.results)} passed" if report.results else "no checks"
     ctx.events.emit(
         CheckDone(run_id=ctx.run_id, candidate=cand.index, passed=report.passed, summary=summary)
     )
