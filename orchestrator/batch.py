@@ -274,7 +274,7 @@ async def _one(
         )
         try:
             if item.run_id is None:
-                preflight(spec, loaded, repo)
+                await asyncio.to_thread(preflight, spec, loaded, repo)
             result = await run_spec(
                 spec, loaded, repo, events, run_opts, run_id=run_id, shared=shared
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import time
@@ -194,11 +195,11 @@ async def run_spec(
     shared: Shared | None = None,
 ) -> RunResult:
     """Run (or, given the id of an interrupted run, resume) one spec."""
+    # git and SQLite work happens in threads: in a batch, every run shares one event loop.
+    base_sha = await asyncio.to_thread(_base_for, spec, loaded, repo, run_id)
     if shared is None:
-        base_sha = _base_for(spec, loaded, repo, run_id)
         async with shared_resources(repo, loaded) as own:
             return await _run(spec, loaded, repo, events, options, run_id, own, base_sha)
-    base_sha = _base_for(spec, loaded, repo, run_id)
     return await _run(spec, loaded, repo, events, options, run_id, shared, base_sha)
 
 
@@ -230,7 +231,8 @@ async def _run(
     }
     resuming = await shared.saver.aget_tuple(config) is not None
     if resuming:  # the interrupted process may have left its checkouts behind
-        remove_run_worktrees(repo, run_id)
+        await asyncio.to_thread(remove_run_worktrees, repo, run_id)
+    dirty = await asyncio.to_thread(repo.is_dirty)
     fdir = flow_dir(repo)
     run_dir = fdir / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -271,7 +273,7 @@ async def _run(
             "the working tree had uncommitted changes; they were not included "
             f"(the run used the committed base {base_sha[:12]})"
         )
-        if repo.is_dirty()
+        if dirty
         else None,
     )
     store.start_run(

@@ -378,7 +378,18 @@ def test_validate_checks_every_profile(tmp_path: Path) -> None:
     data = yaml.safe_load(demo.config.read_text())
     data["profiles"] = {"ok": {"builders": ["glm-sim"]}, "broken": {"builders": ["ghost"]}}
     write(demo.config, data)
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "validate", str(demo.spec),
-                          "--config", str(demo.config)], cwd=demo.repo, capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "validate",
+            str(demo.spec),
+            "--config",
+            str(demo.config),
+        ],
+        cwd=demo.repo,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "ghost" in out.stderr

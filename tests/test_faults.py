@@ -143,7 +143,13 @@ def test_transient_faults_are_retried(
     assert count == 2  # the fault, then the retry
     rows = ledger.rows()
     assert [r.outcome for r in rows] == ["retry", "ok"]
-    assert rows[0].cost_usd == 0 and rows[1].cost_usd == pytest.approx(15e-6)
+    assert rows[1].cost_usd == pytest.approx(15e-6)
+    if name in ("hung connection", "connection reset", "truncated body"):
+        # No reply, but the provider may have done and billed the work: counted at the
+        # attempt's worst case, so no cap can be overrun by it.
+        assert rows[0].cost_usd > 0 and "worst case" in (rows[0].error or "")
+    else:
+        assert rows[0].cost_usd == 0
     if name == "429 with Retry-After":
         assert waited >= 0.95
 

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from urllib.parse import urlparse
 
-from orchestrator.budget import Budget
+from orchestrator.budget import Budget, Reservation
 from orchestrator.config import (
     LoadedConfig,
     Provider,
@@ -192,21 +192,13 @@ class Door:
         if self.ledger is not None:
             stored = self.ledger.cached(rkey)
             if stored is not None:
-                self._log(rm, stage, "replayed", Usage(), 0.0, rkey)
+                await asyncio.to_thread(self._log, rm, stage, "replayed", Usage(), 0.0, rkey)
                 return stored.model_copy(update={"cost_usd": 0.0})
-        worst = (
-            wire.estimate_tokens(messages, tools) * rm.input_per_token
-            + rm.max_output_tokens * rm.output_per_token
-        )
-        reservation = self.budget.reserve(worst) if self.budget is not None else None
-        billed = 0.0
-        try:
-            completion = await self._attempts(rm, key, messages, stage, tools, tool_choice, rkey)
-            billed = completion.cost_usd
-            return completion
-        finally:
-            if reservation is not None:
-                reservation.settle(billed)
+        return await self._attempts(rm, key, messages, stage, tools, tool_choice, rkey)
+
+    def _reserve(self, worst: float) -> Reservation | None:
+        """Hold the worst case against every cap, or raise BudgetExceeded: no call is made."""
+        return self.budget.reserve(worst) if self.budget is not None else None
 
     async def _attempts(
         self,
@@ -218,42 +210,84 @@ class Door:
         tool_choice: str | None,
         rkey: str,
     ) -> Completion:
-        """Call until success, a failure a retry cannot fix, or the provider's retries run out."""
+        """Call until success, a failure a retry cannot fix, or the provider's retries run out.
+
+        Each attempt holds its own reservation of the worst case. A failure with no HTTP
+        status may have been billed, so it is settled at that worst case: the caps stay true
+        whatever the provider charges for work it did but never delivered.
+        """
         provider = self._provider(rm)
+        prompt_price = max(rm.input_per_token, rm.cached_per_token)
+        worst = (
+            wire.estimate_tokens(messages, tools, rm.quirks) * prompt_price
+            + rm.max_output_tokens * rm.output_per_token
+        )
+        reservation = self._reserve(worst)
         attempt = 0
-        while True:
-            try:
-                message, usage = await self._call_once(
-                    rm, provider, key, messages, tools, tool_choice
-                )
-            except asyncio.CancelledError:
-                self._log(rm, stage, "cancelled", Usage(), 0.0, rkey, "cancelled")
-                raise
-            except Exception as exc:
-                failure = None if rm.scripted else wire.classify(exc)
-                if failure is None:
-                    raise
-                retry = failure.retryable and attempt < provider.retries
-                error = self._redact(failure.message)[:500]
-                self._log(rm, stage, "retry" if retry else "error", Usage(), 0.0, rkey, error)
-                if not retry:
-                    raise self._provider_error(rm, failure) from None
-                delay = self._delay(failure, attempt)
-                self.events.emit(
-                    Notice(
-                        run_id=self.run_id,
-                        level="warning",
-                        message=f"{rm.name}: HTTP {failure.status or 'error'}; "
-                        f"retry {attempt + 1}/{provider.retries} in {delay:.1f}s",
+        try:
+            while True:
+                try:
+                    message, usage = await self._call_once(
+                        rm, provider, key, messages, tools, tool_choice
                     )
+                except asyncio.CancelledError:
+                    self._log(rm, stage, "cancelled", Usage(), 0.0, rkey, "cancelled")
+                    raise
+                except Exception as exc:
+                    failure = None if rm.scripted else wire.classify(exc)
+                    if failure is None:
+                        raise
+                    charge = worst if failure.maybe_billed else 0.0
+                    if reservation is not None:
+                        reservation.settle(charge)
+                        reservation = None
+                    await self._failed(rm, provider, stage, rkey, failure, attempt, charge)
+                    reservation = self._reserve(worst)  # the retry needs room of its own
+                    attempt += 1
+                    continue
+                cost = cost_of(rm, usage)
+                if reservation is not None:
+                    reservation.settle(cost)
+                    reservation = None
+                completion = Completion(message=message, usage=usage, cost_usd=cost, model=rm.name)
+                # The ledger write (an fsync) happens off the event loop all runs share.
+                await asyncio.to_thread(
+                    self._log, rm, stage, "ok", usage, cost, rkey, None, completion
                 )
-                await asyncio.sleep(delay)
-                attempt += 1
-                continue
-            cost = cost_of(rm, usage)
-            completion = Completion(message=message, usage=usage, cost_usd=cost, model=rm.name)
-            self._log(rm, stage, "ok", usage, cost, rkey, response=completion)
-            return completion
+                return completion
+        finally:
+            if reservation is not None:
+                reservation.settle(0.0)
+
+    async def _failed(
+        self,
+        rm: ResolvedModel,
+        provider: Provider,
+        stage: str,
+        rkey: str,
+        failure: wire.Failure,
+        attempt: int,
+        charge: float,
+    ) -> None:
+        """Record a failed attempt; raise unless a retry can help, else wait for it."""
+        retry = failure.retryable and attempt < provider.retries
+        error = self._redact(failure.message)[:500]
+        if charge:
+            error = f"{error} (no reply; counted at its worst case, ${charge:.6f})"
+        outcome = "retry" if retry else "error"
+        await asyncio.to_thread(self._log, rm, stage, outcome, Usage(), charge, rkey, error)
+        if not retry:
+            raise self._provider_error(rm, failure) from None
+        delay = self._delay(failure, attempt)
+        self.events.emit(
+            Notice(
+                run_id=self.run_id,
+                level="warning",
+                message=f"{rm.name}: HTTP {failure.status or 'error'}; "
+                f"retry {attempt + 1}/{provider.retries} in {delay:.1f}s",
+            )
+        )
+        await asyncio.sleep(delay)
 
     async def _call_once(
         self,
@@ -286,6 +320,7 @@ class Door:
                 key = "sk-none"  # local OpenAI-compatible servers want some key
         if key is not None:
             kwargs["api_key"] = key
+        await wire.warm_up()
         async with self.limiter.slot(self._limit_name(rm)):
             response = await wire.acompletion(**kwargs)
         return wire.response_from_wire(response)

@@ -239,17 +239,21 @@ REQUEST_OVERHEAD_TOKENS = 1024
 """What a provider may add to a request: its own tool-use system prompt, templates."""
 
 
-def estimate_tokens(messages: list[Message], tools: list[ToolSpec] | None) -> int:
+def estimate_tokens(
+    messages: list[Message], tools: list[ToolSpec] | None, quirks: ResolvedQuirks = DEFAULTS
+) -> int:
     """An upper bound on the prompt tokens a provider can bill for this request.
 
-    A byte-level BPE token covers at least one byte, so the UTF-8 size of everything sent
+    A byte-level BPE token covers at least one byte, so the UTF-8 size of what is sent —
+    measured after the quirks are applied, e.g. tool schemas with their `$ref`s inlined —
     bounds the token count whatever the tokenizer (CJK text included, where characters / 4
     would undercount), plus a per-message and a per-request allowance. A hard cap needs a
     bound, not an average: the price is reservations that are a few times the real cost.
     """
-    size = sum(len(m.model_dump_json(exclude_defaults=True).encode()) for m in messages)
+    size = len(json.dumps(messages_to_wire(messages, quirks), ensure_ascii=False).encode())
     if tools:
-        size += len(json.dumps([t.model_dump() for t in tools]).encode())
+        sent = tools_to_wire(tools, quirks)
+        size += len(json.dumps(sent, ensure_ascii=False).encode())
     return size + PER_MESSAGE_TOKENS * len(messages) + REQUEST_OVERHEAD_TOKENS
 
 
@@ -261,6 +265,18 @@ def _load_litellm() -> Any:
     litellm.suppress_debug_info = True
     litellm.disable_hf_tokenizer_download = True
     return litellm
+
+
+_loaded = False
+
+
+async def warm_up() -> None:
+    """Import litellm in a thread, once: the seconds it takes must not hold a provider slot
+    or block the event loop that every run shares."""
+    global _loaded
+    if not _loaded:
+        await asyncio.to_thread(_load_litellm)
+        _loaded = True
 
 
 async def acompletion(**kwargs: Any) -> Any:
@@ -278,6 +294,9 @@ class Failure:
     auth: bool
     retry_after: float | None
     message: str
+    maybe_billed: bool = False
+    """No HTTP status came back (timeout, reset, broken body): the provider may have done, and
+    billed, the work."""
 
 
 def _header(headers: Any, name: str) -> str | None:
@@ -332,7 +351,12 @@ def classify(exc: BaseException) -> Failure | None:
         | ConnectionError
         | MalformedResponse,
     ):
-        return Failure(status, True, False, None, message)
+        # The request may have reached the provider, which then did (and billed) the work;
+        # a refused connection never got that far.
+        refused = isinstance(exc.__cause__ or exc, ConnectionRefusedError) or (
+            "refused" in message.lower()
+        )
+        return Failure(status, True, False, None, message, maybe_billed=not refused)
     if not isinstance(exc, openai.APIError):
         return None
     if isinstance(exc, openai.RateLimitError):
@@ -357,4 +381,6 @@ def classify(exc: BaseException) -> Failure | None:
         auth=status in AUTH_STATUSES,
         retry_after=retry_after,
         message=message,
+        # litellm reports a connection dropped mid-reply (reset, truncated body) as a 500.
+        maybe_billed="connection error" in message.lower(),
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from langgraph.runtime import Runtime
 from pydantic import ValidationError
 
@@ -36,7 +38,9 @@ async def plan(state: RunState, runtime: Runtime[Context]) -> dict[str, object]:
     planner = ctx.config.config.stages.planner.model
     messages = [
         Message.system(PLANNER_SYSTEM),
-        Message.user(plan_request(ctx.spec.body, overview(ctx, state["base_sha"]))),
+        Message.user(
+            plan_request(ctx.spec.body, await asyncio.to_thread(overview, ctx, state["base_sha"]))
+        ),
     ]
     try:
         reply = await ctx.door.complete(
