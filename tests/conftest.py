@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,22 @@ def repo_state(root: Path) -> dict[str, object]:
         "stash": git(root, "stash", "list"),
         "branches": git(root, "for-each-ref", "--format=%(refname) %(objectname)", "refs/heads"),
     }
+
+
+def assert_untouched(before: dict[str, object], after: dict[str, object]) -> None:
+    """The user's repository is as it was, except for new branches under flow/."""
+    assert {k: v for k, v in after.items() if k != "branches"} == {
+        k: v for k, v in before.items() if k != "branches"
+    }
+    old = set(str(before["branches"]).splitlines())
+    new = set(str(after["branches"]).splitlines())
+    assert old <= new, f"a branch changed or vanished: {sorted(old - new)}"
+    assert all(line.startswith("refs/heads/flow/") for line in new - old), sorted(new - old)
+
+
+@contextmanager
+def untouched(repo: Path) -> Iterator[None]:
+    """Wrap every flow invocation of an end-to-end test: the user's state must survive it."""
+    before = repo_state(repo)
+    yield
+    assert_untouched(before, repo_state(repo))

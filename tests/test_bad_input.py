@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import git, repo_state
+from conftest import git, repo_state, untouched
 
 from orchestrator.demo import DemoPaths, prepare_demo
 
@@ -298,7 +298,8 @@ def test_bad_input(tmp_path: Path, name: str) -> None:
 
 
 def ok_run(args: list[str], cwd: Path, tmp: Path) -> dict[str, object]:
-    out = flow([*args, "--json"], cwd, tmp)
+    with untouched(cwd):
+        out = flow([*args, "--json"], cwd, tmp)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.splitlines()[-1])  # type: ignore[no-any-return]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import git
+from conftest import git, untouched
 
 from orchestrator.batch import BatchOptions, BatchResult, _min_call_cost, parse_until, run_batch
 from orchestrator.config import load_config
@@ -33,9 +33,10 @@ def specs(demo: DemoPaths, n: int) -> list[Path]:
 
 def batch(demo: DemoPaths, paths: list[Path], **opts: object) -> BatchResult:
     options = BatchOptions(**{"budget_usd": 5.0, **opts})  # type: ignore[arg-type]
-    return asyncio.run(
-        run_batch(paths, load_config(demo.config), Repo.open(demo.repo), ListSink(), options)
-    )
+    with untouched(demo.repo):
+        return asyncio.run(
+            run_batch(paths, load_config(demo.config), Repo.open(demo.repo), ListSink(), options)
+        )
 
 
 def test_batch_applies_each_spec_to_its_own_branch(tmp_path: Path) -> None:

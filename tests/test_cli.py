@@ -6,11 +6,12 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import git
+from conftest import git, untouched
 
 from orchestrator.demo import DemoPaths, prepare_demo
 
@@ -20,14 +21,16 @@ def flow(
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=120,
-    )
+    guard = untouched(cwd) if cwd is not None and (cwd / ".git").exists() else nullcontext()
+    with guard:
+        return subprocess.run(
+            [sys.executable, "-m", "orchestrator", *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+            timeout=120,
+        )
 
 
 @pytest.fixture

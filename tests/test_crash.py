@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import git
+from conftest import git, untouched
 
 from orchestrator.demo import DemoPaths, prepare_demo
 
@@ -120,15 +120,16 @@ def flow_batch(demo: DemoPaths, paths: list[str], env: dict[str, str]) -> int:
         "1",
         "--json",
     ]
-    proc = subprocess.run(
-        cmd,
-        cwd=demo.repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        start_new_session=True,
-    )
+    with untouched(demo.repo):  # killed or not, the user's state survives
+        proc = subprocess.run(
+            cmd,
+            cwd=demo.repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            start_new_session=True,
+        )
     return proc.returncode
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from conftest import git, repo_state
+from conftest import git, repo_state, untouched
 
 from orchestrator.config import load_config, parse_config
 from orchestrator.demo import DemoPaths, prepare_demo
@@ -26,9 +26,10 @@ DEMO_SCRIPTS = Path(__file__).resolve().parent.parent / "orchestrator" / "demo" 
 def run(demo: DemoPaths, config: Path | None = None, **opts: Any) -> tuple[RunResult, ListSink]:
     sink = ListSink()
     loaded = load_config(config or demo.config)
-    result = asyncio.run(
-        run_spec(load_spec(demo.spec), loaded, Repo.open(demo.repo), sink, RunOptions(**opts))
-    )
+    with untouched(demo.repo):
+        result = asyncio.run(
+            run_spec(load_spec(demo.spec), loaded, Repo.open(demo.repo), sink, RunOptions(**opts))
+        )
     return result, sink
 
 

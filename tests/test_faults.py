@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import untouched
 
 from orchestrator.agents.builder import Builder
 from orchestrator.agents.tools import Tools
@@ -275,23 +276,24 @@ def run_demo_over_http(
                 }
             )
         )
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "orchestrator",
-                "run",
-                str(demo.spec),
-                "--config",
-                str(path),
-                "--json",
-            ],
-            cwd=demo.repo,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, "FAULT_TEST_KEY": "sk-fault-test-key-0001"},
-        )
+        with untouched(demo.repo):
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "orchestrator",
+                    "run",
+                    str(demo.spec),
+                    "--config",
+                    str(path),
+                    "--json",
+                ],
+                cwd=demo.repo,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={**os.environ, "FAULT_TEST_KEY": "sk-fault-test-key-0001"},
+            )
     return out, demo.repo
 
 

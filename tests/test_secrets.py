@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from conftest import untouched
 
 from orchestrator.demo import prepare_demo
 from orchestrator.llm.scripted import ScriptedModel
@@ -131,23 +132,24 @@ def test_a_planted_key_appears_nowhere(tmp_path: Path) -> None:
                 }
             )
         )
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "orchestrator",
-                "run",
-                str(demo.spec),
-                "--config",
-                str(config),
-                "--json",
-            ],
-            cwd=demo.repo,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, "PLANTED_API_KEY": KEY, "FLOW_CACHE_DIR": str(cache)},
-        )
+        with untouched(demo.repo):
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "orchestrator",
+                    "run",
+                    str(demo.spec),
+                    "--config",
+                    str(config),
+                    "--json",
+                ],
+                cwd=demo.repo,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={**os.environ, "PLANTED_API_KEY": KEY, "FLOW_CACHE_DIR": str(cache)},
+            )
         sent = json.dumps(srv.requests)
     assert out.returncode == 0, out.stderr
     assert KEY in sent  # the models really did echo it, and it came back in their context...
