@@ -26,9 +26,9 @@ from orchestrator.config import LoadedConfig, load_config
 from orchestrator.demo import DemoPaths, prepare_demo
 from orchestrator.llm.door import Door
 from orchestrator.llm.messages import Message
-from orchestrator.llm.scripted import ScriptedModel
 from orchestrator.protocols import ListSink
 from orchestrator.testing import ChatServer, ServerReply, scripted_handler
+from orchestrator.testing.demo_http import demo_scripts, http_config
 from orchestrator.testing.server import Handler
 from orchestrator.workspace import Repo
 
@@ -53,33 +53,8 @@ class Timed:
         return reply
 
 
-def scripts(demo: DemoPaths) -> dict[str, ScriptedModel]:
-    cfg = yaml.safe_load(demo.config.read_text())
-    out = {}
-    for name, model in cfg["models"].items():
-        script = model["script"]
-        out[name] = ScriptedModel(name, script if ":" in script else demo.config.parent / script)
-    return out
-
-
 def write_config(demo: DemoPaths, base_url: str, concurrency: int) -> Path:
-    cfg = yaml.safe_load(demo.config.read_text())
-    models = {
-        name: {"provider": "local", "id": name, "family": m["family"], "price": m["price"]}
-        for name, m in cfg["models"].items()
-    }
-    data = {
-        "providers": {
-            "local": {
-                "api": "openai",
-                "base_url": base_url,
-                "max_concurrency": concurrency,
-                "timeout_s": 120,
-            }
-        },
-        "models": models,
-        "stages": cfg["stages"],
-    }
+    data = http_config(demo, base_url, max_concurrency=concurrency, timeout_s=120)
     path = demo.root / "bench-agents.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -146,7 +121,7 @@ async def bench(
 ) -> None:
     with tempfile.TemporaryDirectory(prefix="flow-bench-") as tmp:
         demo = prepare_demo(Path(tmp))
-        timed = Timed(scripted_handler(scripts(demo)), latency_s)
+        timed = Timed(scripted_handler(demo_scripts(demo)), latency_s)
         with ChatServer(timed, max_concurrency=concurrency) as srv:
             config = load_config(write_config(demo, srv.base_url, concurrency))
             began = time.monotonic()

@@ -342,8 +342,8 @@ def parse_config(data: Any, source: str = "agents.yaml", base: Path | None = Non
     return loaded
 
 
-def load_config(path: Path) -> LoadedConfig:
-    """Read and validate an agents.yaml file."""
+def read_yaml(path: Path) -> Any:
+    """A config file's YAML; errors name the file (and the line, for syntax errors)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -351,14 +351,18 @@ def load_config(path: Path) -> LoadedConfig:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(
             f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})"
         ) from None
-    loaded = parse_config(data, str(path), path.parent.resolve())
+
+
+def load_config(path: Path) -> LoadedConfig:
+    """Read and validate an agents.yaml file."""
+    loaded = parse_config(read_yaml(path), str(path), path.parent.resolve())
     loaded.path = path
     return loaded
 

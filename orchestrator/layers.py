@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.config import LoadedConfig, parse_config
+from orchestrator.config import LoadedConfig, parse_config, read_yaml
 from orchestrator.errors import ConfigError
 
 UNIT_SECTIONS = ("providers", "models", "profiles")
@@ -78,18 +78,7 @@ def user_config_path(environ: dict[str, str] | None = None) -> Path:
 
 
 def _read(path: Path, source: str) -> Layer:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(
-            f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})"
-        ) from None
+    data = read_yaml(path)
     if data is None:
         data = {}
     if not isinstance(data, dict):

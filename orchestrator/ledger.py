@@ -69,18 +69,23 @@ class CallRow(BaseModel):
     request_key: str | None
 
 
+def open_db(path: Path, schema: str) -> sqlite3.Connection:
+    """A WAL-mode connection shared across threads (callers hold their own lock)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA busy_timeout = 5000")
+    db.execute("PRAGMA journal_mode = WAL")
+    db.executescript(schema)
+    return db
+
+
 class Ledger:
     """SQLite spend ledger, safe to share across threads and asyncio tasks of one process."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        with self._lock:
-            self._db.execute("PRAGMA busy_timeout = 5000")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.executescript(_SCHEMA)
+        self._db = open_db(self.path, _SCHEMA)
 
     def close(self) -> None:
         with self._lock:

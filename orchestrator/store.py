@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from orchestrator.ledger import open_db
+
 RunStatus = Literal["running", "applied", "nothing", "failed", "interrupted"]
 ItemStatus = Literal["pending", "running", "applied", "nothing", "failed", "skipped"]
 
@@ -129,14 +131,9 @@ class Store:
     """Run and batch records in `.flow/ledger.sqlite` (its own connection; WAL)."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db = open_db(path, _SCHEMA)
         self._db.row_factory = sqlite3.Row
-        with self._lock:
-            self._db.execute("PRAGMA busy_timeout = 5000")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
         with self._lock:

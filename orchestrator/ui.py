@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from typing import Self, TextIO
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -41,17 +41,21 @@ class JsonSink:
         self.out.flush()
 
 
-class LiveView:
-    """A live table of builders under a stage line; notable events are printed above it."""
+class _LiveTable:
+    """A rich Live region redrawn from `_render()`; lines printed above it stay."""
+
+    refresh_per_second = 4
 
     def __init__(self, console: Console):
         self.console = console
-        self.stage = "starting"
-        self.title = ""
-        self.builders: dict[int, BuilderUpdate] = {}
-        self.live = Live(self._render(), console=console, refresh_per_second=8, transient=False)
+        self.live = Live(
+            self._render(),
+            console=console,
+            refresh_per_second=self.refresh_per_second,
+            transient=False,
+        )
 
-    def __enter__(self) -> LiveView:
+    def __enter__(self) -> Self:
         self.live.__enter__()
         return self
 
@@ -60,6 +64,21 @@ class LiveView:
         self.live.__exit__(None, None, None)
         if not self.console.is_terminal:
             self.console.line()
+
+    def _render(self) -> Group:
+        raise NotImplementedError
+
+
+class LiveView(_LiveTable):
+    """A live table of builders under a stage line; notable events are printed above it."""
+
+    refresh_per_second = 8
+
+    def __init__(self, console: Console):
+        self.stage = "starting"
+        self.title = ""
+        self.builders: dict[int, BuilderUpdate] = {}
+        super().__init__(console)
 
     def _render(self) -> Group:
         table = Table(box=None, pad_edge=False, expand=True, show_edge=False)
@@ -150,25 +169,14 @@ def describe(event: Event) -> str | None:
     return None
 
 
-class BatchView:
+class BatchView(_LiveTable):
     """A live table of a batch's specs: one row per run, with its stage and cost."""
 
     def __init__(self, console: Console):
-        self.console = console
         self.rows: dict[str, list[str]] = {}
         self.cost: dict[str, float] = {}
         self.header = "flow batch"
-        self.live = Live(self._render(), console=console, refresh_per_second=4, transient=False)
-
-    def __enter__(self) -> BatchView:
-        self.live.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.live.update(self._render())
-        self.live.__exit__(None, None, None)
-        if not self.console.is_terminal:
-            self.console.line()
+        super().__init__(console)
 
     def _render(self) -> Group:
         table = Table(box=None, pad_edge=False, expand=True, show_edge=False)

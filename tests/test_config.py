@@ -17,7 +17,7 @@ from orchestrator.config import load_config, parse_config, resolve_api_key
 from orchestrator.demo import DemoPaths, prepare_demo
 from orchestrator.errors import ConfigError
 from orchestrator.layers import Layer, Layers, merge, parse_set, stages_layer
-from orchestrator.llm.scripted import ScriptedModel
+from orchestrator.testing.demo_http import demo_scripts, http_config
 from orchestrator.testing.server import ChatServer, ServerReply, scripted_handler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -330,12 +330,7 @@ def test_user_layer_through_flow_run(tmp_path: Path) -> None:
 
 def test_builder_fallback_over_http(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     demo = prepare_demo(tmp_path)
-    cfg = yaml.safe_load(demo.config.read_text())
-    scripts = {
-        name: ScriptedModel(name, m["script"] if ":" in m["script"] else demo.root / m["script"])
-        for name, m in cfg["models"].items()
-    }
-    inner = scripted_handler(scripts)
+    inner = scripted_handler(demo_scripts(demo))
 
     def handler(request: dict[str, Any]) -> dict[str, Any] | ServerReply:
         if request["model"] == "glm-down":
@@ -343,10 +338,8 @@ def test_builder_fallback_over_http(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         return inner(request)
 
     with ChatServer(handler) as srv:
-        models = {
-            n: {"provider": "local", "id": n, "family": m["family"], "price": m["price"]}
-            for n, m in cfg["models"].items()
-        }
+        data = http_config(demo, srv.base_url, retries=0)
+        models = data["models"]
         models["glm-down"] = {
             "provider": "local",
             "id": "glm-down",
@@ -356,7 +349,7 @@ def test_builder_fallback_over_http(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         config = write(
             tmp_path / "fb.yaml",
             {
-                "providers": {"local": {"api": "openai", "base_url": srv.base_url, "retries": 0}},
+                "providers": data["providers"],
                 "models": models,
                 "stages": {
                     "planner": {"model": "flash-sim"},

@@ -13,10 +13,10 @@ from conftest import git, repo_state, untouched
 from orchestrator.config import load_config, parse_config
 from orchestrator.demo import DemoPaths, prepare_demo
 from orchestrator.events import BuilderUpdate, RunFinished
-from orchestrator.llm.scripted import ScriptedModel
 from orchestrator.protocols import ListSink
 from orchestrator.runner import RunOptions, RunResult, run_spec
 from orchestrator.spec import load_spec
+from orchestrator.testing.demo_http import demo_scripts, http_config
 from orchestrator.testing.server import ChatServer, scripted_handler
 from orchestrator.workspace import Repo, worktree_dir
 
@@ -198,31 +198,9 @@ def test_keep_worktrees(tmp_path: Path) -> None:
 def test_real_http_path(tmp_path: Path, monkeypatch: Any) -> None:
     """Planner, builders and reviewers all served over HTTP through litellm, as in production."""
     demo = prepare_demo(tmp_path)
-    demo_cfg = yaml.safe_load(demo.config.read_text())
-    scripts = {}
-    for name, model in demo_cfg["models"].items():
-        script = model["script"]
-        scripts[name] = ScriptedModel(
-            name, script if ":" in script else demo.config.parent / script
-        )
     monkeypatch.setenv("LOCAL_LLM_KEY", "sk-local-test-key-123456")
-    with ChatServer(scripted_handler(scripts), latency_s=0.3) as srv:
-        models = {
-            name: {"provider": "local", "id": name, "family": m["family"], "price": m["price"]}
-            for name, m in demo_cfg["models"].items()
-        }
-        data = {
-            "providers": {
-                "local": {
-                    "api": "openai",
-                    "base_url": srv.base_url,
-                    "api_key": "LOCAL_LLM_KEY",
-                    "max_concurrency": 4,
-                }
-            },
-            "models": models,
-            "stages": demo_cfg["stages"],
-        }
+    with ChatServer(scripted_handler(demo_scripts(demo)), latency_s=0.3) as srv:
+        data = http_config(demo, srv.base_url, api_key="LOCAL_LLM_KEY", max_concurrency=4)
         path = tmp_path / "http.yaml"
         path.write_text(yaml.safe_dump(data))
         assert parse_config(data).models["glm-sim"].api == "openai"

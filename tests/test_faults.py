@@ -24,8 +24,8 @@ from orchestrator.errors import AuthenticationFailed, ProviderError
 from orchestrator.ledger import Ledger
 from orchestrator.llm.door import Door
 from orchestrator.llm.messages import Message
-from orchestrator.llm.scripted import ScriptedModel
 from orchestrator.redact import Redactor
+from orchestrator.testing.demo_http import demo_scripts, http_config
 from orchestrator.testing.server import ChatServer, ServerReply, chat_response, scripted_handler
 
 OK_MESSAGE = {"role": "assistant", "content": "fine"}
@@ -244,36 +244,16 @@ def run_demo_over_http(
     tmp_path: Path, broken: dict[str, ServerReply], retries: int = 1
 ) -> tuple[subprocess.CompletedProcess[str], Path]:
     demo = prepare_demo(tmp_path)
-    cfg = yaml.safe_load(demo.config.read_text())
-    scripts = {
-        n: ScriptedModel(n, m["script"] if ":" in m["script"] else demo.root / m["script"])
-        for n, m in cfg["models"].items()
-    }
-    inner = scripted_handler(scripts)
+    inner = scripted_handler(demo_scripts(demo))
 
     def handler(request: dict[str, Any]) -> dict[str, Any] | ServerReply:
         return broken.get(request["model"]) or inner(request)
 
     with ChatServer(handler) as srv:
-        models = {
-            n: {"provider": "local", "id": n, "family": m["family"], "price": m["price"]}
-            for n, m in cfg["models"].items()
-        }
         path = tmp_path / "http.yaml"
         path.write_text(
             yaml.safe_dump(
-                {
-                    "providers": {
-                        "local": {
-                            "api": "openai",
-                            "base_url": srv.base_url,
-                            "api_key": "FAULT_TEST_KEY",
-                            "retries": retries,
-                        }
-                    },
-                    "models": models,
-                    "stages": cfg["stages"],
-                }
+                http_config(demo, srv.base_url, api_key="FAULT_TEST_KEY", retries=retries)
             )
         )
         with untouched(demo.repo):
