@@ -7,6 +7,7 @@ quirk switched off in config gets the provider's own 400, as a non-retryable Pro
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from dataclasses import dataclass, field
 from typing import Any
@@ -572,3 +573,59 @@ def test_empty_reasoning_on_a_tool_call_is_kept_for_the_next_turn() -> None:
     assert messages_to_wire([with_call])[0]["reasoning_content"] == ""
     plain = message_from_wire({"role": "assistant", "content": "hi", "reasoning_content": ""})
     assert plain.reasoning_content is None
+
+
+def test_provider_fields_on_tool_calls_go_back_unchanged() -> None:
+    """Gemini 3 answers 400 on the next turn unless a call's thought signature comes back."""
+    from orchestrator.llm.wire import message_from_wire, messages_to_wire
+
+    signature = {"google": {"thought_signature": "c2lnbmF0dXJl"}}
+    received = message_from_wire(
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "index": 0,
+                    "extra_content": signature,
+                    "function": {"name": "read_file", "arguments": "{}"},
+                }
+            ],
+        }
+    )
+    sent = messages_to_wire([received])[0]["tool_calls"][0]
+    assert sent["extra_content"] == signature
+    assert sent["function"] == {"name": "read_file", "arguments": "{}"} and "index" not in sent
+
+
+def test_thought_signature_survives_the_http_round_trip() -> None:
+    from orchestrator.llm.door import Door
+    from orchestrator.testing.server import ChatServer, chat_response
+
+    usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+    call = {
+        "id": "c1",
+        "type": "function",
+        "extra_content": {"google": {"thought_signature": "S"}},
+        "function": {"name": "read_file", "arguments": "{}"},
+    }
+    replies = [
+        chat_response("m", {"role": "assistant", "content": None, "tool_calls": [call]}, usage),
+        chat_response("m", {"role": "assistant", "content": "done"}, usage),
+    ]
+    with ChatServer(lambda request: replies.pop(0)) as srv:
+        loaded = parse_config(
+            {
+                "providers": {"p": {"api": "openai", "base_url": srv.base_url}},
+                "models": {"m": {"provider": "p", "id": "m", "price": {"input": 0, "output": 0}}},
+                "stages": {"planner": {"model": "m"}, "builders": [{"model": "m"}]},
+            }
+        )
+        door = Door(loaded, run_id="r")
+        first = asyncio.run(door.complete("m", [Message.user("hi")], stage="s"))
+        convo = [Message.user("hi"), first.message, Message.tool("c1", "read_file", "x")]
+        asyncio.run(door.complete("m", convo, stage="s"))
+        sent = srv.requests[1]["messages"][1]["tool_calls"][0]
+    assert sent["extra_content"] == {"google": {"thought_signature": "S"}}

@@ -16,6 +16,9 @@ class ToolCall(BaseModel):
     id: str
     name: str
     arguments: str = "{}"
+    provider_fields: dict[str, Any] = Field(default_factory=dict)
+    """Extra fields the provider put on the call (e.g. Gemini's thought signature under
+    `extra_content`), sent back unchanged on later turns."""
 
     def parsed(self) -> dict[str, Any]:
         """The arguments as a dict; raises ValueError when the model wrote invalid JSON."""

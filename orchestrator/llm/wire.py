@@ -36,7 +36,12 @@ def message_to_wire(message: Message, quirks: ResolvedQuirks = DEFAULTS) -> dict
         return out
     if message.tool_calls:
         out["tool_calls"] = [
-            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+                **c.provider_fields,
+            }
             for c in message.tool_calls
         ]
     extra = dict(message.provider_fields)
@@ -99,9 +104,17 @@ def message_from_wire(data: dict[str, Any]) -> Message:
         args = fn.get("arguments")
         if not isinstance(args, str):
             args = json.dumps(args if args is not None else {})
+        kept = {
+            k: v
+            for k, v in raw.items()
+            if k not in ("id", "type", "function", "index") and v is not None
+        }
         calls.append(
             ToolCall(
-                id=str(raw.get("id") or f"call_{i}"), name=str(fn.get("name", "")), arguments=args
+                id=str(raw.get("id") or f"call_{i}"),
+                name=str(fn.get("name", "")),
+                arguments=args,
+                provider_fields=kept,
             )
         )
     extra: dict[str, Any] = {}
