@@ -48,6 +48,9 @@ def _uses(loaded: LoadedConfig) -> dict[str, list[str]]:
         uses.setdefault(b.model, []).append(f"builder×{b.count}")
     for r in stages.reviewers:
         uses.setdefault(r.model, []).append("reviewer")
+    for (_stage, model), chain in loaded.fallback_chains().items():
+        for name in chain:
+            uses.setdefault(name, []).append(f"fallback of {model}")
     return uses
 
 

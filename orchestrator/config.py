@@ -111,6 +111,8 @@ class Config(_Strict):
     budget: Budget = Field(default_factory=Budget)
     builder: BuilderSettings = Field(default_factory=BuilderSettings)
     checks: CheckSettings = Field(default_factory=CheckSettings)
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Named stage assignments, applied by `--profile` (see layers.py)."""
 
     @model_validator(mode="after")
     def _references(self) -> Config:

@@ -388,3 +388,18 @@ def test_validate_checks_every_profile(tmp_path: Path) -> None:
         text=True,
     )
     assert out.returncode == 2 and "ghost" in out.stderr
+
+
+def test_examples_are_valid() -> None:
+    from orchestrator.spec import load_spec
+
+    examples = ROOT / "examples"
+    for path in sorted(examples.glob("*.agents.yaml")):
+        loaded = load_config(path)
+        assert loaded.config.stages.builders, path
+        for profile in (yaml.safe_load(path.read_text()) or {}).get("profiles", {}):
+            Layers.discover(None, path, profile=profile).resolve()
+    assert load_spec(examples / "specs" / "report-json.md").branch == "flow/report-json"
+    change = load_spec(examples / "openspec-change")
+    assert change.title == "Add a --since filter to the report command"
+    assert [r.name for r in change.requirements] == ["Date filter"]
