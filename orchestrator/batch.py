@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from orchestrator.config import LoadedConfig
 from orchestrator.errors import FlowError, WorkspaceError
 from orchestrator.events import BatchFinished, BatchStarted, SpecSkipped
+from orchestrator.layers import ConfigSource
 from orchestrator.protocols import EventSink
 from orchestrator.runner import (
     RunOptions,
@@ -40,7 +41,7 @@ PROMPT_ALLOWANCE_TOKENS = 8_000
 """Prompt size assumed when deciding whether a new spec can still afford its planner call."""
 
 
-class BatchOptions(BaseModel):
+class BatchOptions(ConfigSource):
     budget_usd: float
     per_spec_usd: float | None = None
     parallel: int = 2
@@ -48,9 +49,6 @@ class BatchOptions(BaseModel):
     builders: int | None = None
     keep_worktrees: bool = False
     new: bool = False
-    config: str | None = None
-    profile: str | None = None
-    sets: list[str] = []
 
 
 class BatchResult(BaseModel):
@@ -268,9 +266,7 @@ async def _one(
             builders=options.builders,
             budget_usd=options.per_spec_usd,
             keep_worktrees=options.keep_worktrees,
-            config=options.config,
-            profile=options.profile,
-            sets=options.sets,
+            **options.source(),
         )
         try:
             if item.run_id is None:

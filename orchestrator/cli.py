@@ -176,9 +176,7 @@ def run(
         builders=builders,
         budget_usd=budget,
         keep_worktrees=keep,
-        config=str(layers.repo_config) if layers.repo_config else None,
-        profile=profile,
-        sets=set_ or [],
+        **layers.source(),
     )
     result = _live(as_json, False, lambda sink: run_spec(parsed, loaded, repository, sink, options))
     raise typer.Exit(result.exit_code)
@@ -229,9 +227,7 @@ def batch(
         until=until,
         builders=builders,
         new=new,
-        config=str(layers.repo_config) if layers.repo_config else None,
-        profile=profile,
-        sets=set_ or [],
+        **layers.source(),
     )
     result = _live(as_json, True, lambda sink: run_batch(specs, layers, repository, sink, options))
     raise typer.Exit(result.exit_code)
@@ -258,12 +254,7 @@ def resume(
         store.close()
     if batch_rec is not None:
         options = BatchOptions(**{**batch_rec.options, "new": False})
-        layers = _layers(
-            repository,
-            Path(options.config) if options.config else None,
-            options.profile,
-            options.sets,
-        )
+        layers = options.layers(repository.root)
         paths = [Path(i.spec_path) for i in items]
         result = _live(
             as_json,
@@ -283,12 +274,7 @@ def resume(
             "restore it or start a new run"
         )
     run_options = RunOptions(**run_rec.options)
-    loaded = _layers(
-        repository,
-        Path(run_options.config) if run_options.config else None,
-        run_options.profile,
-        run_options.sets,
-    ).resolve(spec.models)
+    loaded = run_options.layers(repository.root).resolve(spec.models)
     res = _live(
         as_json,
         False,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from orchestrator.config import LoadedConfig, parse_config, read_yaml
 from orchestrator.errors import ConfigError
@@ -168,6 +169,22 @@ def _mark(value: Any, path: str, source: str, origin: dict[str, str]) -> None:
         origin[path] = source
 
 
+class ConfigSource(BaseModel):
+    """Where a run's config came from: enough to build the same layers again on resume."""
+
+    config: str | None = None
+    """The agents.yaml given or found (None: only the user and built-in layers)."""
+    profile: str | None = None
+    sets: list[str] = []
+
+    def source(self) -> dict[str, Any]:
+        return {"config": self.config, "profile": self.profile, "sets": list(self.sets)}
+
+    def layers(self, repo_root: Path) -> Layers:
+        config = Path(self.config) if self.config else None
+        return Layers.discover(repo_root, config, self.profile, self.sets)
+
+
 @dataclass
 class Layers:
     """The config layers that do not depend on a spec; `resolve(spec)` adds the spec's."""
@@ -201,6 +218,11 @@ class Layers:
         else:
             repo_file = None
         return cls(files=layers, repo_config=repo_file, profile=profile, sets=list(sets or []))
+
+    def source(self) -> dict[str, Any]:
+        """The fields of the `ConfigSource` that rebuilds these layers."""
+        config = str(self.repo_config) if self.repo_config else None
+        return ConfigSource(config=config, profile=self.profile, sets=self.sets).source()
 
     def profile_names(self) -> list[str]:
         merged, _ = merge(self.files)

@@ -19,6 +19,7 @@ from orchestrator.config import LoadedConfig, resolve_api_key, secret_values
 from orchestrator.context import Context
 from orchestrator.errors import WorkspaceError
 from orchestrator.events import Event, RunFinished, RunStarted
+from orchestrator.layers import ConfigSource
 from orchestrator.protocols import EventSink
 from orchestrator.redact import Redactor, environment_secrets
 from orchestrator.spec import Spec
@@ -56,15 +57,11 @@ STATE_TYPES = [
 ]
 
 
-class RunOptions(BaseModel):
+class RunOptions(ConfigSource):
     builders: int | None = None
     budget_usd: float | None = None
     keep_worktrees: bool = False
     max_concurrency: int = 16
-    config: str | None = None
-    """The agents.yaml the run was started with, with `profile` and `sets`: enough to resume."""
-    profile: str | None = None
-    sets: list[str] = []
 
 
 class RunResult(BaseModel):
