@@ -89,3 +89,20 @@ def untouched(repo: Path) -> Iterator[None]:
     before = repo_state(repo)
     yield
     assert_untouched(before, repo_state(repo))
+
+
+def flow_in(
+    repo: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run the real `flow` CLI in the user's repository; its state must survive the run."""
+    import sys
+
+    with untouched(repo):
+        return subprocess.run(
+            [sys.executable, "-m", "orchestrator", *args],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **(env or {})},
+        )

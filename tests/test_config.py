@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import untouched
+from conftest import flow_in
 
 from orchestrator.config import load_config, parse_config, resolve_api_key
 from orchestrator.demo import DemoPaths, prepare_demo
@@ -270,15 +269,7 @@ def test_config_show_masks_literal_keys(tmp_path: Path) -> None:
 def flow_run(
     demo: DemoPaths, *args: str, env: dict[str, str] | None = None, spec: Path | None = None
 ) -> tuple[int, dict[str, Any]]:
-    with untouched(demo.repo):
-        out = subprocess.run(
-            [sys.executable, "-m", "orchestrator", "run", str(spec or demo.spec), "--json", *args],
-            cwd=demo.repo,
-            capture_output=True,
-            text=True,
-            env={**os.environ, **(env or {})},
-            timeout=120,
-        )
+    out = flow_in(demo.repo, "run", str(spec or demo.spec), "--json", *args, env=env)
     runs = sorted((demo.repo / ".flow" / "runs").glob("*/run.json"))
     summary = json.loads(runs[-1].read_text()) if runs else {}
     assert out.returncode in (0, 1), out.stderr

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from conftest import untouched
+from conftest import flow_in
 
 from orchestrator.agents.builder import Builder
 from orchestrator.agents.tools import Tools
@@ -256,24 +254,15 @@ def run_demo_over_http(
                 http_config(demo, srv.base_url, api_key="FAULT_TEST_KEY", retries=retries)
             )
         )
-        with untouched(demo.repo):
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "orchestrator",
-                    "run",
-                    str(demo.spec),
-                    "--config",
-                    str(path),
-                    "--json",
-                ],
-                cwd=demo.repo,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                env={**os.environ, "FAULT_TEST_KEY": "sk-fault-test-key-0001"},
-            )
+        out = flow_in(
+            demo.repo,
+            "run",
+            str(demo.spec),
+            "--config",
+            str(path),
+            "--json",
+            env={"FAULT_TEST_KEY": "sk-fault-test-key-0001"},
+        )
     return out, demo.repo
 
 

@@ -4,14 +4,12 @@ echoes it back."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
-from conftest import untouched
+from conftest import flow_in
 
 from orchestrator.demo import prepare_demo
 from orchestrator.llm.scripted import ScriptedModel
@@ -132,24 +130,15 @@ def test_a_planted_key_appears_nowhere(tmp_path: Path) -> None:
                 }
             )
         )
-        with untouched(demo.repo):
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "orchestrator",
-                    "run",
-                    str(demo.spec),
-                    "--config",
-                    str(config),
-                    "--json",
-                ],
-                cwd=demo.repo,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                env={**os.environ, "PLANTED_API_KEY": KEY, "FLOW_CACHE_DIR": str(cache)},
-            )
+        out = flow_in(
+            demo.repo,
+            "run",
+            str(demo.spec),
+            "--config",
+            str(config),
+            "--json",
+            env={"PLANTED_API_KEY": KEY, "FLOW_CACHE_DIR": str(cache)},
+        )
         sent = json.dumps(srv.requests)
     assert out.returncode == 0, out.stderr
     assert KEY in sent  # the models really did echo it, and it came back in their context...
