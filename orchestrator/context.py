@@ -25,7 +25,6 @@ class Context:
     worktrees: Path
     ledger: Ledger
     redact: Redactor = field(default_factory=Redactor)
-    builders: int | None = None
     keep_worktrees: bool = False
     dirty_note: str | None = None
     """Set when the user's working tree had uncommitted changes, which are not included."""

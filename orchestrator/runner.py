@@ -264,7 +264,6 @@ async def _run(
         worktrees=worktree_dir(repo, run_id),
         ledger=ledger,
         redact=redact,
-        builders=len(slots),
         keep_worktrees=options.keep_worktrees,
         dirty_note=(
             "the working tree had uncommitted changes; they were not included "

@@ -118,6 +118,3 @@ class RunState(TypedDict, total=False):
     """What was skipped and why (budget, failures), for the report."""
     selection: Selection | None
     applied: Applied | None
-
-
-Outcome = Literal["applied", "nothing", "failed"]
