@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+import typing
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -19,14 +20,73 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+
+class _Argument(typer.core.TyperArgument):
+    """An argument shown as NAME (or [NAME]), never as a Python type."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
+
+    def _rich_display_name(self) -> str:
+        return str(self.name or "").upper() + ("..." if self.nargs != 1 else "")
+
+    def _usage_display_name(self) -> str:
+        name = str(self.name or "").upper() + ("..." if self.nargs != 1 else "")
+        return name if self.required else f"[{name}]"
+
+
+class _Option(typer.core.TyperOption):
+    """An option's value shown as click would (TEXT, PATH, INTEGER), flags as nothing."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        desc = self.type_descriptor
+        if self.metavar or self.is_flag or self.count or desc.annotation is bool:
+            return self.metavar
+        if desc.is_path:
+            return "PATH"
+        names = {int: "INTEGER", float: "NUMBER"}
+        item = typing.get_args(desc.annotation)[0] if desc.is_list else desc.annotation
+        return "PATH" if item is Path else names.get(item, "TEXT")
+
+
+def _plain(param: Any) -> Any:
+    if isinstance(param, typer.core.TyperArgument):
+        param.__class__ = _Argument
+    elif isinstance(param, typer.core.TyperOption):
+        param.__class__ = _Option
+    return param
+
+
+class _Command(typer.core.TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return [_plain(p) for p in super().get_params(ctx)]
+
+
+class _Group(typer.core.TyperGroup):
+    """Renders every parameter plainly, of every command however it was added (help and
+    completion options are made after the commands, so this happens when help is shown)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for sub in self.commands.values():
+            if type(sub) is typer.core.TyperCommand:
+                sub.__class__ = _Command
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return [_plain(p) for p in super().get_params(ctx)]
+
+
 app = typer.Typer(
     name="flow",
+    cls=_Group,
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Turn a written spec into a reviewed commit on a new git branch.",
 )
-config_app = typer.Typer(help="Inspect the merged configuration.", no_args_is_help=True)
+config_app = typer.Typer(
+    cls=_Group, help="Inspect the merged configuration.", no_args_is_help=True
+)
 app.add_typer(config_app, name="config")
 
 ConfigOpt = Annotated[
@@ -57,8 +117,24 @@ JsonOpt = Annotated[
 KeepOpt = Annotated[bool, typer.Option("--keep", help="keep the builders' checkouts")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"flow {version('flow-orchestrator')}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False) -> None:
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print flow's version and exit"
+        ),
+    ] = False,
+) -> None:
     """Turn a written spec into a reviewed commit on a new git branch."""
 
 
@@ -69,11 +145,24 @@ def _repo(repo: Path | None) -> Repo:
 
 
 def _layers(
-    repository: Repo, config: Path | None, profile: str | None, sets: list[str] | None
+    repository: Repo | None, config: Path | None, profile: str | None, sets: list[str] | None
 ) -> Layers:
     from orchestrator.layers import Layers
 
-    return Layers.discover(repository.root, config, profile, sets or [])
+    root = repository.root if repository is not None else None
+    return Layers.discover(root, config, profile, sets or [])
+
+
+def _repo_if_any(repo: Path | None) -> Repo | None:
+    """The repository (given or around the current directory); None outside one."""
+    from orchestrator.errors import WorkspaceError
+
+    if repo is not None:
+        return _repo(repo)
+    try:
+        return _repo(None)
+    except WorkspaceError:
+        return None  # only the built-in and user layers apply
 
 
 def _live(as_json: bool, is_batch: bool, job: Callable[[EventSink], Awaitable[T]]) -> T:
@@ -207,7 +296,9 @@ def batch(
     until: Annotated[
         str | None, typer.Option(help="start no new spec after HH:MM (or an ISO date and time)")
     ] = None,
-    builders: Annotated[int | None, typer.Option(min=1, max=32)] = None,
+    builders: Annotated[
+        int | None, typer.Option(min=1, max=32, help="number of builders per spec")
+    ] = None,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
     set_: SetOpt = None,
@@ -284,7 +375,12 @@ def resume(
 
 
 @app.command()
-def status(repo: RepoOpt = None, as_json: JsonOpt = False) -> None:
+def status(
+    repo: RepoOpt = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="one JSON object per run or batch, for scripts")
+    ] = False,
+) -> None:
     """Runs and batches of this repository, live or finished."""
     import json
 
@@ -355,9 +451,8 @@ def config_show(
     """Print the merged configuration, each value with the layer it came from."""
     from orchestrator.spec import load_spec
 
-    layers = _layers(_repo(repo), config, profile, set_)
+    layers = _layers(_repo_if_any(repo), config, profile, set_)
     models = load_spec(spec).models if spec is not None else None
-    layers.resolve(models)  # what is shown is valid
     rows = [(f"{key} = {value}", source) for key, value, source in layers.show(models)]
     width = max(len(left) for left, _ in rows)
     for left, source in rows:
@@ -370,7 +465,9 @@ def models(
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     repo: RepoOpt = None,
-    as_json: JsonOpt = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="one JSON object per model, for scripts")
+    ] = False,
 ) -> None:
     """The merged model catalog: provider, protocol, prices, limits, and warnings."""
     import json
@@ -379,7 +476,7 @@ def models(
 
     from orchestrator.catalog_view import catalog_rows, catalog_table
 
-    layers = _layers(_repo(repo), config, profile, set_)
+    layers = _layers(_repo_if_any(repo), config, profile, set_)
     rows = catalog_rows(layers.resolve())
     if as_json:
         for row in rows:
@@ -411,12 +508,11 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     usage_error = _usage_error()
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="flow")
     except usage_error as err:
         ctx: Any = getattr(err, "ctx", None)
-        if type(err).__name__ == "NoArgsIsHelpError" and ctx is not None:
-            typer.echo(ctx.get_help())
-            sys.exit(0)
+        if type(err).__name__ == "NoArgsIsHelpError":
+            sys.exit(0)  # click has printed the help already
         where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
         message = err.format_message() if hasattr(err, "format_message") else str(err)
         typer.echo(f"flow: {message.rstrip('.')}{where}", err=True)

@@ -273,17 +273,48 @@ class Layers:
             value = _lookup(merged, path)
             if path.endswith(".api_key") and isinstance(value, str) and not _ENV_NAME.match(value):
                 value = "(a literal key, hidden)"
-            rows.append(
-                (
-                    path,
-                    yaml.safe_dump(value, default_flow_style=True)
-                    .strip()
-                    .removesuffix("\n...")
-                    .removesuffix(" ..."),
-                    origin[path],
-                )
-            )
-        return rows
+            rows.append((path, _dump(value), origin[path]))
+        if "stages" not in merged:
+            return rows  # nothing to validate against yet (e.g. outside a repository)
+        defaults = self.resolve(spec_models).config.model_dump(exclude={"profiles"})
+        for path, value in _leaves(defaults, ""):
+            if value is None or _shown(path, origin):
+                continue  # None is "not set", not a value worth a line
+            rows.append((path, _dump(value), "default"))
+        return sorted(rows)
+
+
+def _dump(value: Any) -> str:
+    return (
+        yaml.safe_dump(value, default_flow_style=True)
+        .strip()
+        .removesuffix("\n...")
+        .removesuffix(" ...")
+    )
+
+
+def _leaves(data: Any, prefix: str) -> list[tuple[str, Any]]:
+    if isinstance(data, dict) and data:
+        out = []
+        for key, value in data.items():
+            out += _leaves(value, f"{prefix}{key}.")
+        return out
+    return [(prefix.rstrip("."), data)]
+
+
+def _shown(path: str, origin: dict[str, str]) -> bool:
+    """Whether a default is already covered by a layer's value (or its entry is implicit)."""
+    if path in origin or any(p.startswith(path + ".") for p in origin):
+        return True
+    parts = path.split(".")
+    while parts:
+        parts.pop()
+        if ".".join(parts) in origin:
+            return True  # a value set as a whole (a list, a stage entry written as one)
+    if path.split(".")[0] in UNIT_SECTIONS:
+        entry = ".".join(path.split(".")[:2])
+        return not any(p.startswith(entry + ".") for p in origin)  # implicit model: skip
+    return False
 
 
 def _lookup(data: dict[str, Any], path: str) -> Any:

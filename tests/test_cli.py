@@ -132,3 +132,83 @@ def test_demo_command(tmp_path: Path) -> None:
     assert last["outcome"] == "applied"
     repo = next(tmp_path.glob("flow-demo-*/repo"))
     assert "def median" in git(repo, "show", "flow/add-median:stats.py")
+
+
+def _commands() -> list[list[str]]:
+    import typer.main
+
+    from orchestrator.cli import app
+
+    out: list[list[str]] = []
+
+    def walk(cmd: object, path: list[str]) -> None:
+        out.append(path)
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, [*path, name])
+
+    walk(typer.main.get_command(app), [])
+    return out
+
+
+def test_every_help_page_is_plain_and_every_option_explained() -> None:
+    import re
+
+    import typer.main
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    group = typer.main.get_command(app)
+    commands = _commands()
+    assert {"validate", "run", "batch"} <= {c[0] for c in commands if c}
+    for path in commands:
+        for flag in ("--help", "-h"):
+            res = CliRunner().invoke(app, [*path, flag], terminal_width=200)
+            assert res.exit_code == 0, (path, res.output)
+            shown = res.output
+            # No Python types: <bool>, <list[Path]>, <str>, nor typer's {required} braces.
+            assert not re.search(r"<[a-zA-Z_\[\], |]+>|\{\w+\}", shown), (path, shown)
+        cmd: typer.core.TyperGroup | typer.core.TyperCommand = group
+        for name in path:
+            cmd = cmd.commands[name]  # type: ignore[union-attr]
+        ctx = cmd.make_context("flow", [*path, "--help"], resilient_parsing=True)
+        for param in cmd.get_params(ctx):
+            if param.param_type_name == "option":
+                assert (param.help or "").strip(), f"flow {' '.join(path)} {param.opts}: no help"
+                assert param.opts[0] in shown
+
+
+def test_version_and_bare_commands_print_help_once() -> None:
+    from importlib.metadata import version
+
+    res = flow("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"flow {version('flow-orchestrator')}"
+    for args in ((), ("config",)):
+        res = flow(*args)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.count("Usage:") == 1, res.stdout
+    res = flow("--show-completion", "bash", env={"SHELL": "/bin/bash"})
+    assert res.returncode == 0 and "_flow_completion" in res.stdout, res.stderr
+
+
+def test_models_and_config_show_work_outside_a_repository(tmp_path: Path) -> None:
+    home = tmp_path / "xdg"
+    (home / "flow").mkdir(parents=True)
+    (home / "flow" / "agents.yaml").write_text(
+        "models:\n  m: {id: local-m, provider: deepseek, price: {input: 1, output: 2}}\n"
+        "  r: {id: local-r, provider: zhipu, price: {input: 1, output: 2}}\n"
+        "stages:\n  planner: {model: m}\n  builders: [{model: m}]\n  reviewers: [{model: r}]\n"
+    )
+    outside = tmp_path / "plain-dir"
+    outside.mkdir()
+    env = {"XDG_CONFIG_HOME": str(home)}
+    shown = flow("config", "show", cwd=outside, env=env)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert any(ln.startswith("models.m.id = local-m") and "# user " in ln for ln in lines)
+    # Defaults are shown too, marked as such; values set by a layer are not marked default.
+    assert any(ln.startswith("builder.max_turns = 40") and ln.endswith("# default") for ln in lines)
+    assert not any(ln.startswith("models.m.id") and ln.endswith("# default") for ln in lines)
+    listed = flow("models", "--json", cwd=outside, env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert {json.loads(ln)["name"] for ln in listed.stdout.splitlines()} == {"m", "r"}
