@@ -155,6 +155,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self._send(ServerReply(404, owner.error(f"no route {self.path}", "not_found")))
             return
         length = int(self.headers.get("Content-Length") or 0)
+        owner.authorizations.append(
+            self.headers.get("Authorization") or self.headers.get("x-api-key") or ""
+        )
         try:
             request = json.loads(self.rfile.read(length) or b"{}")
         except json.JSONDecodeError:
@@ -189,6 +192,8 @@ class ChatServer:
         self.max_concurrency = max_concurrency
         self.retry_after_s = retry_after_s
         self.requests: list[dict[str, Any]] = []
+        self.authorizations: list[str] = []
+        """The key each request carried (Authorization or x-api-key), for key-flow tests."""
         self.rejected = 0
         self.max_in_flight = 0
         self._in_flight = 0

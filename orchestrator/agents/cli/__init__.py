@@ -1,0 +1,134 @@
+"""Agent CLIs as builders: each runs in its checkout against its own proxy to flow's door.
+
+The outcome is judged from the exit code, the CLI's JSON events and the proxy's log together
+(some CLIs exit 0 after every call failed); money and tokens come from the proxy, never from
+the CLI's own report.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from orchestrator.agents.builder import BuildOutcome
+from orchestrator.agents.cli.base import AgentCli, run_cli
+from orchestrator.agents.cli.opencode import OpenCode
+from orchestrator.protocols import ModelDoor
+from orchestrator.proxy import Proxy, ProxyLog
+from orchestrator.redact import Redactor
+
+CLIS: dict[str, Callable[..., AgentCli]] = {"opencode": OpenCode}
+
+
+def parse_events(stdout: bytes) -> list[dict[str, object]]:
+    events = []
+    for line in stdout.decode("utf-8", "replace").splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                events.append(value)
+    return events
+
+
+class CliBuilder:
+    """`run(task, checkout) -> BuildOutcome`, like flow's own loop."""
+
+    def __init__(
+        self,
+        door: ModelDoor,
+        model: str,
+        model_id: str,
+        cli: AgentCli,
+        *,
+        transcript: Path,
+        redact: Redactor,
+        timeout_s: float,
+        scope: str,
+        fallbacks: list[str] | None = None,
+        progress: Callable[[BuildOutcome, str], None] | None = None,
+    ):
+        self.door, self.model, self.model_id, self.cli = door, model, model_id, cli
+        self.transcript, self.redact, self.timeout_s = transcript, redact, timeout_s
+        self.scope, self.fallbacks = scope, fallbacks
+        self.progress = progress or (lambda o, a: None)
+        self.outcome = BuildOutcome()
+        self.log = ProxyLog()
+
+    def _tally(self, log: ProxyLog) -> None:
+        o = self.outcome
+        o.turns = log.ok_calls
+        o.prompt_tokens = sum(c.prompt_tokens for c in log.calls)
+        o.completion_tokens = sum(c.completion_tokens for c in log.calls)
+        o.cost_usd = sum(c.cost_usd for c in log.calls)
+        self.progress(o, f"{self.cli.name} call {len(log.calls)}")
+
+    async def run(self, task: str, checkout: Path) -> BuildOutcome:
+        home = Path(tempfile.mkdtemp(prefix=f"flow-{self.cli.name}-home-"))
+        try:
+            async with Proxy(
+                self.door,
+                self.model,
+                stage="build",
+                scope=self.scope,
+                fallbacks=self.fallbacks,
+                on_call=self._tally,
+            ) as proxy:
+                launch = self.cli.launch(task, proxy, self.model_id, checkout, home)
+                result = await run_cli(launch, checkout, home, proxy, timeout_s=self.timeout_s)
+                self.log = proxy.log
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+        self._drop(checkout)
+        events = parse_events(result.stdout)
+        self._keep_transcript(result.stdout, result.stderr)
+        self.outcome.models_used = [self.model]
+        self.outcome.error = self._verdict(result.exit_code, result.timed_out, events)
+        if self.outcome.error is None:
+            self.outcome.summary = f"{self.cli.name}: {self.log.ok_calls} model calls"
+        return self.outcome
+
+    def _verdict(
+        self, code: int | None, timed_out: bool, events: list[dict[str, object]]
+    ) -> str | None:
+        log = self.log
+        if log.refused:
+            return f"BudgetExceeded: {log.refused}; {self.cli.name} was ended"
+        if timed_out:
+            return f"{self.cli.name} ran past its time limit ({self.timeout_s:g}s)"
+        if code != 0:
+            return f"{self.cli.name} exited with {code}"
+        said = self.cli.failed(events)
+        if said:
+            return self.redact(f"{self.cli.name} reported an error: {said}")
+        if log.ok_calls == 0:
+            return (
+                f"{self.cli.name} exited 0 but no model call succeeded ({log.failed_calls} failed)"
+            )
+        if log.calls and not log.calls[-1].ok:
+            return (
+                f"{self.cli.name} exited 0 after a failed model call: {log.calls[-1].error[:200]}"
+            )
+        return None
+
+    def _drop(self, checkout: Path) -> None:
+        for pattern in self.cli.droppings:
+            for path in checkout.glob(pattern):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+
+    def _keep_transcript(self, stdout: bytes, stderr: bytes) -> None:
+        self.transcript.parent.mkdir(parents=True, exist_ok=True)
+        text = stdout.decode("utf-8", "replace")
+        tail = stderr.decode("utf-8", "replace")[-4000:]
+        if tail.strip():
+            text += "\n" + json.dumps({"type": "flow.stderr_tail", "text": tail}) + "\n"
+        self.transcript.write_text(self.redact(text), encoding="utf-8")

@@ -1,0 +1,116 @@
+"""Running one agent CLI against its proxy: private HOME, stdin closed, a wall-clock limit.
+
+The CLI's environment is built from nothing but PATH, its private directories and the
+proxy's throwaway token, so no provider key (nor anything else of flow's) reaches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from orchestrator.proxy import Proxy
+
+CLI_PATH_ENV = "FLOW_CLI_PATH"
+"""Directories searched first for agent CLIs (set by .ci/run to its cache)."""
+
+
+@dataclass
+class Launch:
+    """What one CLI needs: its argv and the environment and files it reads."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+    """Paths relative to the private HOME, and their contents."""
+
+
+class AgentCli(Protocol):
+    name: str
+    dialect: str
+    droppings: tuple[str, ...]
+
+    def launch(
+        self, task: str, proxy: Proxy, model_id: str, checkout: Path, home: Path
+    ) -> Launch: ...
+
+    def failed(self, events: list[dict[str, object]]) -> str | None:
+        """The CLI's own word that the run failed, from its JSON events; None when not."""
+        ...
+
+
+@dataclass
+class CliRun:
+    exit_code: int | None
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+    refused: bool = False
+
+
+def find(command: str, environ: dict[str, str] | None = None) -> str | None:
+    env = os.environ if environ is None else environ
+    extra = env.get(CLI_PATH_ENV, "")
+    path = os.pathsep.join(p for p in (extra, env.get("PATH", "")) if p)
+    return shutil.which(command, path=path)
+
+
+def base_env(home: Path, environ: dict[str, str] | None = None) -> dict[str, str]:
+    env = os.environ if environ is None else environ
+    path = os.pathsep.join(p for p in (env.get(CLI_PATH_ENV, ""), env.get("PATH", "")) if p)
+    return {
+        "PATH": path,
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_DATA_HOME": str(home / ".local/share"),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "XDG_STATE_HOME": str(home / ".local/state"),
+        "TMPDIR": str(home / "tmp"),
+        "LANG": "C.UTF-8",
+        "TERM": "dumb",
+        "NO_COLOR": "1",
+        "CI": "1",
+    }
+
+
+async def run_cli(
+    launch: Launch, checkout: Path, home: Path, proxy: Proxy, *, timeout_s: float
+) -> CliRun:
+    """Run to the end, the time limit, or the proxy's budget refusal (then it is ended)."""
+    for rel, text in launch.files.items():
+        target = home / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+    (home / "tmp").mkdir(parents=True, exist_ok=True)
+    proc = await asyncio.create_subprocess_exec(
+        *launch.argv,
+        cwd=checkout,
+        env=launch.env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    talk = asyncio.ensure_future(proc.communicate())
+    refused = asyncio.ensure_future(asyncio.to_thread(proxy.refused.wait, timeout_s))
+    done, _ = await asyncio.wait({talk, refused}, timeout=timeout_s, return_when="FIRST_COMPLETED")
+    stopped_by_cap = talk not in done and proxy.refused.is_set()
+    timed_out = talk not in done and not stopped_by_cap
+    if talk not in done:
+        _kill_group(proc.pid)
+    out, err = await talk
+    proxy.refused.set()  # lets the waiting thread end
+    await refused
+    return CliRun(proc.returncode, out, err, timed_out=timed_out, refused=stopped_by_cap)
+
+
+def _kill_group(pid: int) -> None:
+    # The whole session: CLIs start helpers (language servers, shells) of their own.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)

@@ -1,0 +1,76 @@
+"""OpenCode (npm `opencode-ai`): chat completions, JSON lines on stdout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from orchestrator.agents.cli.base import Launch, base_env, find
+from orchestrator.proxy import Proxy
+
+TOKEN_ENV = "FLOW_PROXY_TOKEN"
+
+
+class OpenCode:
+    name = "opencode"
+    dialect = "chat"
+    droppings: tuple[str, ...] = ()
+
+    def __init__(self, command: str = "opencode", extra_args: list[str] | None = None):
+        self.command = command
+        self.extra_args = list(extra_args or [])
+
+    def config(self, proxy: Proxy, model_id: str) -> dict[str, object]:
+        return {
+            "$schema": "https://opencode.ai/config.json",
+            "autoupdate": False,
+            "share": "disabled",
+            "provider": {
+                "flow": {
+                    "npm": "@ai-sdk/openai-compatible",
+                    "name": "flow",
+                    # The token is read from the environment, so no file holds even that.
+                    "options": {
+                        "baseURL": f"{proxy.base_url}/v1",
+                        "apiKey": f"{{env:{TOKEN_ENV}}}",
+                    },
+                    "models": {
+                        model_id: {
+                            "name": model_id,
+                            "limit": {"context": 200000, "output": 32000},
+                            "cost": {"input": 0, "output": 0},
+                        }
+                    },
+                }
+            },
+            "permission": {
+                "edit": "allow",
+                "bash": "allow",
+                "webfetch": "deny",
+                "external_directory": "deny",
+            },
+        }
+
+    def launch(self, task: str, proxy: Proxy, model_id: str, checkout: Path, home: Path) -> Launch:
+        env = base_env(home)
+        env.update(
+            {
+                TOKEN_ENV: proxy.token,
+                "OPENCODE_CONFIG_CONTENT": json.dumps(self.config(proxy, model_id)),
+                "OPENCODE_DISABLE_PROJECT_CONFIG": "1",
+                "OPENCODE_DISABLE_AUTOUPDATE": "1",
+                "OPENCODE_DISABLE_MODELS_FETCH": "1",
+                "OPENCODE_DISABLE_SHARE": "1",
+                "OPENCODE_DISABLE_DEFAULT_PLUGINS": "1",
+                "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
+            }
+        )
+        exe = find(self.command) or self.command
+        argv = [exe, "run", "--format", "json", "--pure", "-m", f"flow/{model_id}"]
+        return Launch(argv=[*argv, *self.extra_args, task], env=env)
+
+    def failed(self, events: list[dict[str, object]]) -> str | None:
+        for event in events:
+            if event.get("type") == "error":
+                return json.dumps(event.get("error") or event)[:300]
+        return None

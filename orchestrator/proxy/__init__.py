@@ -1,0 +1,212 @@
+"""A per-builder HTTP proxy on 127.0.0.1: an agent CLI's dialect in, flow's model door out.
+
+The CLI holds only a throwaway token for its proxy; the provider key stays behind the door.
+Every call goes through `ModelDoor.complete`, so slots, quotas, budget, ledger, quirks and
+fallbacks apply as for flow's own builders. Replies are produced whole by the door, so a
+streamed answer is synthesized from the complete reply (SSE events sent at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from orchestrator.errors import BudgetExceeded, FlowError, ProviderError
+from orchestrator.llm.messages import Completion
+from orchestrator.protocols import ModelDoor
+from orchestrator.proxy import chat
+
+
+@dataclass
+class CallRecord:
+    """One call the CLI made, as the proxy saw it: the truth for turns, tokens and money."""
+
+    path: str
+    ok: bool
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    error: str = ""
+    shape: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ProxyLog:
+    calls: list[CallRecord] = field(default_factory=list)
+    refused: str = ""
+    """Set when the budget refused a call: flow ends the CLI then."""
+
+    @property
+    def ok_calls(self) -> int:
+        return sum(1 for c in self.calls if c.ok)
+
+    @property
+    def failed_calls(self) -> int:
+        return sum(1 for c in self.calls if not c.ok)
+
+
+def request_shape(path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """What a CLI sends, without the conversation: for the bench and the log."""
+    tools = body.get("tools") or []
+    names = [t.get("name") or (t.get("function") or {}).get("name") for t in tools]
+    return {
+        "path": path,
+        "stream": bool(body.get("stream")),
+        "keys": sorted(body),
+        "tools": [n for n in names if n],
+    }
+
+
+class Proxy:
+    """Serves one CLI; use as a context manager from inside the run's event loop."""
+
+    def __init__(
+        self,
+        door: ModelDoor,
+        model: str,
+        *,
+        stage: str,
+        scope: str,
+        fallbacks: list[str] | None = None,
+        on_call: Callable[[ProxyLog], None] | None = None,
+    ):
+        self.door, self.model, self.stage, self.scope = door, model, stage, scope
+        self.fallbacks = list(fallbacks or [])
+        self.token = "flow-proxy-" + secrets.token_hex(16)
+        self.log = ProxyLog()
+        self.refused = threading.Event()
+        self.on_call = on_call or (lambda log: None)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._httpd is not None, "the proxy is not running"
+        return int(self._httpd.server_address[1])
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> Proxy:
+        self._loop = asyncio.get_running_loop()
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        httpd.daemon_threads = True
+        httpd.proxy = self  # type: ignore[attr-defined]
+        self._httpd = httpd
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._httpd is not None:
+            await asyncio.to_thread(self._httpd.shutdown)
+            self._httpd.server_close()
+        self._httpd = None
+
+    def authorized(self, headers: Any) -> bool:
+        given = headers.get("Authorization", "") or ""
+        bearer = given[7:] if given.lower().startswith("bearer ") else given
+        return self.token in (bearer, headers.get("x-api-key", ""))
+
+    def complete(self, path: str, body: dict[str, Any]) -> Completion:
+        """Run one door call on the run's loop (called from a server thread)."""
+        assert self._loop is not None
+        messages, tools, choice = chat.request_from_wire(body)
+        future = asyncio.run_coroutine_threadsafe(
+            self.door.complete(
+                self.model,
+                messages,
+                stage=self.stage,
+                tools=tools or None,
+                tool_choice=choice,
+                scope=self.scope,
+                fallbacks=self.fallbacks,
+            ),
+            self._loop,
+        )
+        return future.result()
+
+    def record(self, record: CallRecord) -> None:
+        self.log.calls.append(record)
+        self.on_call(self.log)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+    def _reply(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        proxy: Proxy = self.server.proxy  # type: ignore[attr-defined]
+        if self.path.rstrip("/").endswith("/models"):
+            self._reply(200, json.dumps(chat.models_list(proxy.model)).encode())
+            return
+        self._reply(404, json.dumps(chat.error("not found", "not_found")).encode())
+
+    def do_POST(self) -> None:
+        proxy: Proxy = self.server.proxy  # type: ignore[attr-defined]
+        path = self.path.split("?", 1)[0].rstrip("/")
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        if not proxy.authorized(self.headers):
+            self._reply(
+                401, json.dumps(chat.error("bad proxy token", "authentication_error")).encode()
+            )
+            return
+        if not path.endswith("/chat/completions"):
+            self._reply(404, json.dumps(chat.error(f"no route {path}", "not_found")).encode())
+            return
+        try:
+            body = json.loads(raw or b"{}")
+        except json.JSONDecodeError:
+            self._reply(400, json.dumps(chat.error("request body is not JSON")).encode())
+            return
+        shape = request_shape(path, body)
+        try:
+            completion = proxy.complete(path, body)
+        except BudgetExceeded as err:
+            proxy.log.refused = str(err)
+            proxy.record(CallRecord(path, ok=False, error=str(err), shape=shape))
+            proxy.refused.set()
+            # 400, not 429: a CLI retries a 429 for minutes; a refusal is final.
+            self._reply(400, json.dumps(chat.error(f"budget: {err}", "budget_exceeded")).encode())
+            return
+        except (ProviderError, FlowError) as err:
+            proxy.record(CallRecord(path, ok=False, error=str(err)[:300], shape=shape))
+            status = getattr(err, "status", None) or 502
+            self._reply(
+                int(status), json.dumps(chat.error(str(err)[:300], "provider_error")).encode()
+            )
+            return
+        proxy.record(
+            CallRecord(
+                path,
+                ok=True,
+                prompt_tokens=completion.usage.prompt_tokens,
+                completion_tokens=completion.usage.completion_tokens,
+                cost_usd=completion.cost_usd,
+                shape=shape,
+            )
+        )
+        if body.get("stream"):
+            self._reply(200, chat.sse(completion, body), "text/event-stream")
+        else:
+            self._reply(200, json.dumps(chat.response(completion)).encode())

@@ -1,0 +1,162 @@
+"""Agent CLIs (real, pinned binaries from .ci/clis.sh) driven through flow's proxy and door."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.agents.cli import CLIS, CliBuilder
+from orchestrator.agents.cli.base import find
+from orchestrator.budget import Budget, Cap
+from orchestrator.config import parse_config
+from orchestrator.ledger import Ledger
+from orchestrator.llm.door import Door
+from orchestrator.llm.scripted import ScriptedModel
+from orchestrator.redact import Redactor
+from orchestrator.testing import ChatServer, scripted_handler
+from orchestrator.workspace import worktree_diff
+from tests.clis import scripts
+
+KEY = "sk-real-provider-key-7f3a9c2e51"
+
+
+@pytest.fixture(autouse=True)
+def key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOCAL_TEST_KEY", KEY)
+
+
+def config(base_url: str, concurrency: int = 4, price: float = 0.0) -> Any:
+    return parse_config(
+        {
+            "providers": {
+                "local": {
+                    "api": "openai",
+                    "base_url": base_url,
+                    "api_key": "LOCAL_TEST_KEY",
+                    "max_concurrency": concurrency,
+                    "retries": 0,
+                    "timeout_s": 30,
+                }
+            },
+            "models": {
+                "glm": {
+                    "provider": "local",
+                    "id": "glm-4.7",
+                    "max_output_tokens": 1000,
+                    "price": {"input": price, "output": price},
+                }
+            },
+            "stages": {"planner": {"model": "glm"}, "builders": [{"model": "glm"}]},
+        }
+    )
+
+
+def checkout(tmp: Path) -> tuple[Path, str]:
+    repo = tmp / "checkout"
+    repo.mkdir(parents=True)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "README.md").write_text("base\n")
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "base"], check=True)
+    sha = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True)
+    return repo, sha.stdout.strip()
+
+
+def test_cli_is_installed() -> None:
+    # A missing CLI fails here (never skips): .ci/run installs them and sets FLOW_CLI_PATH.
+    for name in CLIS:
+        assert find(name) is not None, f"{name} not found; run .ci/clis.sh and set FLOW_CLI_PATH"
+
+
+def run_builder(
+    tmp: Path,
+    server: ChatServer,
+    cli: str,
+    *,
+    budget: Budget | None = None,
+    scope: str = "b1",
+    concurrency: int = 4,
+    price: float = 0.0,
+) -> tuple[CliBuilder, Path, str]:
+    repo, base = checkout(tmp / scope)
+    loaded = config(server.base_url, concurrency=concurrency, price=price)
+    door = Door(loaded, run_id="r1", ledger=Ledger(tmp / f"{scope}.db"), budget=budget)
+    builder = make_builder(door, cli, tmp / scope, scope)
+    asyncio.run(builder.run("Write hello.txt saying hi.", repo))
+    return builder, repo, base
+
+
+def make_builder(door: Door, cli: str, where: Path, scope: str) -> CliBuilder:
+    return CliBuilder(
+        door,
+        "glm",
+        "glm-4.7",
+        CLIS[cli](),
+        transcript=where / "transcript.jsonl",
+        redact=Redactor([KEY]),
+        timeout_s=120,
+        scope=scope,
+    )
+
+
+def test_opencode_edit_lands_and_key_never_reaches_it(tmp_path: Path) -> None:
+    model = ScriptedModel("glm-4.7", scripts.opencode)
+    with ChatServer(scripted_handler({"glm-4.7": model})) as server:
+        builder, repo, base = run_builder(tmp_path, server, "opencode")
+    assert builder.outcome.error is None, builder.outcome.error
+    patch = worktree_diff(repo, base)
+    assert b"+hi from opencode" in patch and b"hello.txt" in patch
+    # The real key reached the server ...
+    assert server.authorizations and all(KEY in a for a in server.authorizations)
+    # ... while what the CLI saw of its environment and config (sent back as a tool result)
+    # holds the proxy's token, not the key.
+    sent = "".join(str(r.get("messages")) for r in server.requests)
+    assert "FLOW_PROXY_TOKEN=flow-proxy-" in sent
+    assert KEY not in sent
+    for path in [*repo.rglob("*"), builder.transcript]:
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+    assert builder.outcome.turns >= 3
+
+
+def test_budget_cap_ends_the_cli_with_the_servers_bill_within_the_cap(tmp_path: Path) -> None:
+    billed = scripts.Billed()
+    price = 1.0  # USD per million tokens: each call bills 2100 tokens = $0.0021
+    cap = 0.01
+    with ChatServer(scripted_handler({"glm-4.7": ScriptedModel("glm-4.7", billed)})) as server:
+        builder, _, _ = run_builder(
+            tmp_path, server, "opencode", budget=Budget([Cap("run", cap)]), price=price
+        )
+    error = builder.outcome.error or ""
+    assert "BudgetExceeded" in error and "was ended" in error, error
+    assert billed.tokens > 0
+    assert billed.tokens * price / 1e6 <= cap
+    # The proxy's ledger, not the CLI's word, is what the outcome reports.
+    assert builder.outcome.cost_usd == pytest.approx(billed.tokens * price / 1e6)
+
+
+def test_provider_limit_holds_across_cli_builders(tmp_path: Path) -> None:
+    model = ScriptedModel("glm-4.7", scripts.opencode)
+    with ChatServer(scripted_handler({"glm-4.7": model}), latency_s=0.2) as server:
+        loaded = config(server.base_url, concurrency=1)
+        door = Door(loaded, run_id="r1", ledger=Ledger(tmp_path / "l.db"))
+
+        async def three() -> list[CliBuilder]:
+            builders, jobs = [], []
+            for i in range(3):
+                repo, _ = checkout(tmp_path / f"b{i}")
+                b = make_builder(door, "opencode", tmp_path / f"b{i}", f"b{i}")
+                builders.append(b)
+                jobs.append(b.run("Write hello.txt saying hi.", repo))
+            await asyncio.gather(*jobs)
+            return builders
+
+        builders = asyncio.run(three())
+    assert [b.outcome.error for b in builders] == [None, None, None]
+    assert len(server.requests) >= 9
+    assert server.max_in_flight == 1
