@@ -289,3 +289,94 @@ def test_cost_uses_our_prices_with_cached_tokens(tmp_path: Path) -> None:
     rm = config(tmp_path).models["builder"].model_copy(update={"cached_per_token": 0.1e-6})
     usage = Usage(prompt_tokens=1000, cached_tokens=400, completion_tokens=10)
     assert cost_of(rm, usage) == pytest.approx(600e-6 + 400 * 0.1e-6 + 20e-6)
+
+
+# ---- money: cancelled calls, replies without usage, vendor buckets (issue 8: 5, 6, 13) ----
+
+
+def _http_config(base_url: str, max_output: int = 2000) -> LoadedConfig:
+    return parse_config(
+        {
+            "providers": {"p": {"api": "openai", "base_url": base_url, "retries": 0}},
+            "models": {
+                "m": {
+                    "provider": "p",
+                    "id": "m",
+                    "price": {"input": 1.0, "output": 4.0},
+                    "max_output_tokens": max_output,
+                }
+            },
+            "stages": {"planner": {"model": "m"}, "builders": [{"model": "m"}]},
+        }
+    )
+
+
+PRICES = (1.0e-6, 4.0e-6)
+
+
+async def test_a_call_cancelled_in_flight_is_charged_at_its_worst_case(tmp_path: Path) -> None:
+    from orchestrator.testing.server import ChatServer, ServerReply
+
+    arrived = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def hang(request: dict[str, Any]) -> ServerReply:
+        loop.call_soon_threadsafe(arrived.set)
+        return ServerReply(200, fault="hang")
+
+    cap = Cap("run", 1.0)
+    with ChatServer(hang, prices=PRICES) as srv, Ledger(tmp_path / "l.db") as ledger:
+        door = Door(_http_config(srv.base_url), run_id="r", ledger=ledger, budget=Budget([cap]))
+        task = asyncio.create_task(door.complete("m", convo(), stage="plan"))
+        await asyncio.wait_for(arrived.wait(), 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        [row] = ledger.rows("r")
+        billed = srv.billed_usd
+    assert row.outcome == "cancelled"
+    assert billed > 0  # the provider billed the request it received
+    assert row.cost_usd >= billed and cap.spent_usd == pytest.approx(row.cost_usd)
+    assert cap.spent_usd <= cap.limit_usd and cap.reserved_usd == 0
+
+
+async def test_a_call_cancelled_before_its_slot_is_free(tmp_path: Path) -> None:
+    """Waiting for a provider slot, the request was provably never sent: $0, and the bare
+    litellm ids of one vendor wait for the same slots (`providers.openai` sets them)."""
+    loaded = parse_config(
+        {
+            "providers": {"openai": {"max_concurrency": 1}},
+            "models": {"a": {"id": "gpt-5"}, "b": {"id": "gpt-5-mini"}},
+            "stages": {"planner": {"model": "a"}, "builders": [{"model": "b"}]},
+        }
+    )
+    limiter = Limiter(loaded.config.providers)
+    env = {"OPENAI_API_KEY": "sk-test-not-used"}
+    with Ledger(tmp_path / "l.db") as ledger:
+        door = Door(loaded, run_id="r", ledger=ledger, limiter=limiter, environ=env)
+        assert door.bucket(loaded.model("a")) == door.bucket(loaded.model("b")) == "openai"
+        async with limiter.slot("openai"):  # gpt-5 holds the vendor's only slot
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(door.complete("b", convo(), stage="plan"), 0.5)
+        [row] = ledger.rows("r")
+    assert (row.outcome, row.cost_usd) == ("cancelled", 0.0)
+
+
+async def test_a_reply_without_usage_is_never_free(tmp_path: Path) -> None:
+    from orchestrator.testing.server import ChatServer, chat_response
+
+    def no_usage(request: dict[str, Any]) -> dict[str, Any]:
+        body = chat_response(request["model"], {"role": "assistant", "content": "x" * 400}, {})
+        del body["usage"]
+        return body
+
+    cap = Cap("run", 1.0)
+    with ChatServer(no_usage, prices=PRICES) as srv, Ledger(tmp_path / "l.db") as ledger:
+        door = Door(_http_config(srv.base_url), run_id="r", ledger=ledger, budget=Budget([cap]))
+        done = await door.complete("m", convo(), stage="plan")
+        billed = srv.billed_usd
+        [row] = ledger.rows("r")
+    assert done.message.content == "x" * 400
+    assert billed > 0 and done.cost_usd >= billed and row.cost_usd == done.cost_usd
+    assert "without usage" in (row.error or "")
+    assert billed <= cap.spent_usd <= cap.limit_usd

@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 from urllib.parse import urlparse
 
+from orchestrator import catalog
 from orchestrator.budget import Budget, Reservation
 from orchestrator.config import (
     LoadedConfig,
@@ -73,6 +74,19 @@ def falls_back(err: ProviderError) -> bool:
     if err.retryable:
         return True
     return err.status in (400, 413) and bool(_CONTEXT_WORDS.search(str(err)))
+
+
+class _Sent:
+    """Set once a request has left for the provider (past its slot)."""
+
+    value = False
+
+
+def vendor_of(litellm_model: str) -> str:
+    """litellm's vendor for a model string (its price map first, else the id's prefix)."""
+    entry = catalog.lookup(litellm_model)
+    vendor = str(entry.get("litellm_provider", "")) if entry else ""
+    return vendor or litellm_model.split("/", 1)[0]
 
 
 def cost_of(rm: ResolvedModel, usage: Usage) -> float:
@@ -226,12 +240,20 @@ class Door:
         attempt = 0
         try:
             while True:
+                sent = _Sent()
                 try:
                     message, usage = await self._call_once(
-                        rm, provider, key, messages, tools, tool_choice
+                        rm, provider, key, messages, tools, tool_choice, sent
                     )
                 except asyncio.CancelledError:
-                    self._log(rm, stage, "cancelled", Usage(), 0.0, rkey, "cancelled")
+                    # A request on the wire is billed by the provider whether or not we read
+                    # the reply; only one still waiting for its slot was provably never sent.
+                    charge = worst if sent.value and not rm.scripted else 0.0
+                    if reservation is not None:
+                        reservation.settle(charge)
+                        reservation = None
+                    note = "cancelled in flight; counted at its worst case" if charge else None
+                    self._log(rm, stage, "cancelled", Usage(), charge, rkey, note or "cancelled")
                     raise
                 except Exception as exc:
                     failure = None if rm.scripted else wire.classify(exc)
@@ -246,13 +268,19 @@ class Door:
                     attempt += 1
                     continue
                 cost = cost_of(rm, usage)
+                note = None
+                if not rm.scripted and not usage.prompt_tokens and not usage.completion_tokens:
+                    # No usage in the reply (gateways, local servers): the provider's bill is
+                    # unknown, so it is counted at the worst case the request allowed.
+                    cost = worst
+                    note = f"reply without usage; counted at its worst case, ${worst:.6f}"
                 if reservation is not None:
                     reservation.settle(cost)
                     reservation = None
                 completion = Completion(message=message, usage=usage, cost_usd=cost, model=rm.name)
                 # The ledger write (an fsync) happens off the event loop all runs share.
                 await asyncio.to_thread(
-                    self._log, rm, stage, "ok", usage, cost, rkey, None, completion
+                    self._log, rm, stage, "ok", usage, cost, rkey, note, completion
                 )
                 return completion
         finally:
@@ -297,6 +325,7 @@ class Door:
         messages: list[Message],
         tools: list[ToolSpec] | None,
         tool_choice: str | None,
+        sent: _Sent,
     ) -> tuple[Message, Usage]:
         if rm.scripted:
             return self._script(rm).reply(messages, tools, tool_choice)
@@ -321,7 +350,8 @@ class Door:
         if key is not None:
             kwargs["api_key"] = key
         await wire.warm_up()
-        async with self.limiter.slot(self._limit_name(rm)):
+        async with self.limiter.slot(self.bucket(rm)):
+            sent.value = True  # from here on the provider may have the request
             response = await wire.acompletion(**kwargs)
         return wire.response_from_wire(response)
 
@@ -413,10 +443,12 @@ class Door:
         return found or Provider()
 
     @staticmethod
-    def _limit_name(rm: ResolvedModel) -> str | None:
+    def bucket(rm: ResolvedModel) -> str | None:
+        """The concurrency bucket: the configured provider, else the vendor of a bare litellm
+        id (every `gpt-*` is `openai`), so a `providers.<vendor>` entry sets its slots."""
         if rm.scripted:
             return None
-        return rm.provider or f"litellm:{rm.litellm_model.split('/', 1)[0]}"
+        return rm.provider or vendor_of(rm.litellm_model)
 
     @staticmethod
     def _provider_label(rm: ResolvedModel) -> str:

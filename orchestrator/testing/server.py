@@ -10,6 +10,12 @@ The handler maps a request's JSON to a response dict, or to a ServerReply sent a
 when it breaks that provider's rule, answers 400 with the provider's own error body. With
 `protocol="anthropic"` the server speaks the Anthropic Messages API instead
 (`orchestrator.testing.anthropic`); `base_url` is then what litellm's `anthropic/` wants.
+
+With `prices` the server keeps its own bill, as a provider would, independent of the `usage`
+it reports: `server_tokens` counts what it received and sent, every request that reached a
+handler is billed (a reply without usage too), and one whose reply never arrived whole (hang,
+reset, truncate: the client gave up or was cut off) is billed at the output the request
+allowed, since the provider would have generated it. Tests compare `billed_usd` with caps.
 """
 
 from __future__ import annotations
@@ -39,6 +45,25 @@ class ServerReply:
     fault: Literal["hang", "reset", "truncate"] | None = None
     """hang: never answer (until the server stops); reset: drop the connection with a TCP
     reset before answering; truncate: promise the whole body, send half, close."""
+
+
+def server_tokens(value: Any) -> int:
+    """The server's own token count: one token per 4 UTF-8 bytes of the JSON, rounded up.
+
+    Deterministic and independent of flow's estimate; close to what BPE tokenizers give for
+    English and code (3.5-4.5 bytes a token)."""
+    if value is None:
+        return 0
+    data = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return -(-len(data.encode()) // 4)
+
+
+def _allowed_output(request: dict[str, Any]) -> int:
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = request.get(key)
+        if isinstance(value, int):
+            return value
+    return 0
 
 
 Handler = Callable[[dict[str, Any]], "dict[str, Any] | ServerReply"]
@@ -183,8 +208,13 @@ class ChatServer:
         latency_s: float = 0.0,
         max_concurrency: int | None = None,
         retry_after_s: float = 1.0,
+        prices: tuple[float, float] | None = None,
     ):
         self.handler = handler
+        self.prices = prices
+        """USD per input and per output token for the server's own bill."""
+        self.billed_usd = 0.0
+        self.bills: list[float] = []
         self.rules = list(rules)
         self.protocol: Protocol = protocol
         self.refused: list[ServerReply] = []
@@ -246,6 +276,22 @@ class ChatServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _bill(self, request: dict[str, Any], reply: ServerReply) -> None:
+        """What a provider charges for one request the model worked on."""
+        if self.prices is None or (reply.status != 200 and reply.fault is None):
+            return
+        prompt = server_tokens(
+            [request.get("system"), request.get("messages"), request.get("tools")]
+        )
+        if reply.fault is not None or not isinstance(reply.body, dict):
+            output = _allowed_output(request)
+        else:
+            output = server_tokens(reply.body.get("choices") or reply.body.get("content"))
+        amount = prompt * self.prices[0] + output * self.prices[1]
+        with self._lock:
+            self.bills.append(amount)
+            self.billed_usd += amount
+
     def serve(self, request: dict[str, Any]) -> ServerReply:
         """Answer one decoded request (runs on a server thread)."""
         with self._lock:
@@ -275,7 +321,9 @@ class ChatServer:
             if self.latency_s:
                 time.sleep(self.latency_s)  # simulated model work, not synchronisation
             reply = self.handler(request)
-            return reply if isinstance(reply, ServerReply) else ServerReply(200, reply)
+            reply = reply if isinstance(reply, ServerReply) else ServerReply(200, reply)
+            self._bill(request, reply)
+            return reply
         except Exception as err:  # a broken handler becomes a visible 500, not a hung client
             return ServerReply(500, self.error(f"handler failed: {err!r}", "server_error"))
         finally:
