@@ -80,6 +80,24 @@ class ModelRef(_Strict):
 
 class BuilderRef(ModelRef):
     count: int = Field(default=1, ge=1, le=32)
+    agent: str | None = None
+    """An agent CLI (see `agents:`) that builds instead of flow's own loop; its model calls
+    go through a per-builder proxy to flow's model door."""
+
+
+AGENT_CLIS = ("opencode",)
+"""Agent CLIs flow can drive (orchestrator/agents/cli/ has one file each)."""
+
+
+class AgentSettings(_Strict):
+    command: str | None = None
+    """The CLI's path or name on PATH (default: its usual command)."""
+    version: str | None = None
+    """Expected version text (a substring of `COMMAND --version`); checked by validate."""
+    args: list[str] = Field(default_factory=list)
+    """Extra arguments put before the task."""
+    timeout_s: float = Field(default=1800.0, gt=0)
+    """Wall-clock limit for one run of the CLI."""
 
 
 class Stages(_Strict):
@@ -113,6 +131,8 @@ class Config(_Strict):
     checks: CheckSettings = Field(default_factory=CheckSettings)
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Named stage assignments, applied by `--profile` (see layers.py)."""
+    agents: dict[str, AgentSettings] = Field(default_factory=dict)
+    """Per agent CLI: command, expected version, extra arguments, time limit."""
 
     @model_validator(mode="after")
     def _references(self) -> Config:
@@ -121,6 +141,17 @@ class Config(_Strict):
                 raise ValueError(f"models.{name}.provider: unknown provider {model.provider!r}")
             if model.id.startswith(SCRIPTED_PREFIX) and not model.script:
                 raise ValueError(f"models.{name}.script: a scripted model needs a script")
+        for name in self.agents:
+            if name not in AGENT_CLIS:
+                raise ValueError(
+                    f"agents.{name}: unknown agent CLI; known: {', '.join(AGENT_CLIS)}"
+                )
+        for i, b in enumerate(self.stages.builders):
+            if b.agent is not None and b.agent not in AGENT_CLIS:
+                raise ValueError(
+                    f"stages.builders.{i}.agent: unknown agent CLI {b.agent!r}; "
+                    f"known: {', '.join(AGENT_CLIS)}"
+                )
         for where, ref in _stage_refs(self.stages):
             if ref not in self.models and "/" not in ref and catalog.lookup(ref) is None:
                 raise ValueError(f"{where}: unknown model {ref!r} (define it under models:)")
@@ -168,6 +199,11 @@ class LoadedConfig(BaseModel):
         if override is None or override == len(slots):
             return slots
         return [slots[i % len(slots)] for i in range(override)]
+
+    def builder_agent(self, index: int) -> str | None:
+        """The agent CLI of builder slot `index` (slots cycle as in `builder_slots`)."""
+        agents = [b.agent for b in self.config.stages.builders for _ in range(b.count)]
+        return agents[index % len(agents)]
 
     def reviewers_for(self, builder_model: str) -> list[str]:
         family = self.models[builder_model].family

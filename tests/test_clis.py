@@ -8,17 +8,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from conftest import git, untouched
 
 from orchestrator.agents.cli import CLIS, CliBuilder
 from orchestrator.agents.cli.base import find
 from orchestrator.budget import Budget, Cap
-from orchestrator.config import parse_config
+from orchestrator.config import load_config, parse_config
+from orchestrator.demo import prepare_demo
+from orchestrator.events import BuilderUpdate
 from orchestrator.ledger import Ledger
 from orchestrator.llm.door import Door
 from orchestrator.llm.scripted import ScriptedModel
+from orchestrator.protocols import ListSink
 from orchestrator.redact import Redactor
+from orchestrator.runner import RunOptions, run_spec
+from orchestrator.spec import load_spec
 from orchestrator.testing import ChatServer, scripted_handler
-from orchestrator.workspace import worktree_diff
+from orchestrator.workspace import Repo, worktree_diff
 from tests.clis import scripts
 
 KEY = "sk-real-provider-key-7f3a9c2e51"
@@ -160,3 +167,42 @@ def test_provider_limit_holds_across_cli_builders(tmp_path: Path) -> None:
     assert [b.outcome.error for b in builders] == [None, None, None]
     assert len(server.requests) >= 9
     assert server.max_in_flight == 1
+
+
+def test_mixed_run_picks_by_the_evidence(tmp_path: Path) -> None:
+    demo = prepare_demo(tmp_path)
+    data = yaml.safe_load(demo.config.read_text())
+    model = ScriptedModel("glm-4.7", scripts.opencode_bad_stats)
+    with ChatServer(scripted_handler({"glm-4.7": model})) as server:
+        data["providers"] = {
+            "local": {"api": "openai", "base_url": server.base_url, "api_key": "LOCAL_TEST_KEY"}
+        }
+        data["models"]["cli-glm"] = {
+            "provider": "local",
+            "id": "glm-4.7",
+            "family": "cli",
+            "price": {"input": 0, "output": 0},
+        }
+        data["stages"]["builders"] = [
+            {"agent": "opencode", "model": "cli-glm"},
+            {"model": "glm-sim"},
+        ]
+        demo.config.write_text(yaml.safe_dump(data))
+        sink = ListSink()
+        with untouched(demo.repo):
+            result = asyncio.run(
+                run_spec(
+                    load_spec(demo.spec),
+                    load_config(demo.config),
+                    Repo.open(demo.repo),
+                    sink,
+                    RunOptions(),
+                )
+            )
+    cli_updates = [e for e in sink.events if isinstance(e, BuilderUpdate) and e.index == 0]
+    assert cli_updates[-1].status == "ok" and cli_updates[-1].turns >= 2  # from the proxy
+    assert len(server.requests) >= 2
+    assert result.outcome == "applied" and result.branch == "flow/add-median"
+    # OpenCode's candidate wrote a wrong median and failed the checks; flow's loop won.
+    stats = git(demo.repo, "show", "flow/add-median:stats.py")
+    assert "sorted(values)" in stats and scripts.BAD_STATS not in stats

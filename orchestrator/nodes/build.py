@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Literal
 
 from langgraph.runtime import Runtime
 
 from orchestrator.agents.builder import Builder, BuildOutcome
+from orchestrator.agents.cli import CliBuilder, cli_for
 from orchestrator.agents.prompts import build_request
 from orchestrator.agents.tools import Tools
+from orchestrator.config import AgentSettings
 from orchestrator.context import Context
 from orchestrator.errors import AuthenticationFailed, BudgetExceeded
 from orchestrator.events import BuilderUpdate
@@ -54,19 +57,28 @@ async def build(task: BuildTask, runtime: Runtime[Context]) -> dict[str, object]
         tools = Tools(
             path, command_timeout_s=settings.command_timeout_s, output_cap=settings.output_cap_bytes
         )
-        builder = Builder(
-            ctx.door,
-            task.model,
-            tools,
-            max_turns=settings.max_turns,
-            transcript=ctx.run_dir / "transcripts" / f"build-{task.index}.jsonl",
-            redact=ctx.redact,
-            progress=lambda o, action: update(o, "running", action),
-            scope=f"build-{task.index}",
-            fallbacks=ctx.config.fallback_chains().get(("build", task.model)),
-        )
+        agent = ctx.config.builder_agent(task.index)
+        builder: Builder | CliBuilder
+        if agent is not None:
+            builder = _cli_builder(ctx, task, agent, update)
+        else:
+            builder = Builder(
+                ctx.door,
+                task.model,
+                tools,
+                max_turns=settings.max_turns,
+                transcript=ctx.run_dir / "transcripts" / f"build-{task.index}.jsonl",
+                redact=ctx.redact,
+                progress=lambda o, action: update(o, "running", action),
+                scope=f"build-{task.index}",
+                fallbacks=ctx.config.fallback_chains().get(("build", task.model)),
+            )
         try:
-            outcome = await builder.run(build_request(ctx.spec.body, task.plan, ctx.spec.checks))
+            request = build_request(ctx.spec.body, task.plan, ctx.spec.checks)
+            if isinstance(builder, CliBuilder):
+                outcome = await builder.run(request, path)
+            else:
+                outcome = await builder.run(request)
         except AuthenticationFailed:
             raise  # a refused key fails every builder: stop the run and say which key
         except Exception as err:  # the boundary: any failure becomes this candidate's record
@@ -89,6 +101,25 @@ async def build(task: BuildTask, runtime: Runtime[Context]) -> dict[str, object]
     candidate = _candidate(ctx, task, model.family, outcome, error, patch)
     update(outcome, candidate.status, candidate.error or candidate.summary[:60])
     return {"candidates": [candidate], "notes": notes}
+
+
+def _cli_builder(
+    ctx: Context, task: BuildTask, agent: str, update: Callable[..., None]
+) -> CliBuilder:
+    """An agent CLI in this builder's checkout, its model calls through a proxy to the door."""
+    settings = ctx.config.config.agents.get(agent) or AgentSettings()
+    return CliBuilder(
+        ctx.door,
+        task.model,
+        ctx.config.model(task.model).litellm_model.split("/", 1)[-1],
+        cli_for(agent, settings.command, settings.args),
+        transcript=ctx.run_dir / "transcripts" / f"build-{task.index}.jsonl",
+        redact=ctx.redact,
+        timeout_s=settings.timeout_s,
+        scope=f"build-{task.index}",
+        fallbacks=ctx.config.fallback_chains().get(("build", task.model)),
+        progress=lambda o, action: update(o, "running", action),
+    )
 
 
 def _candidate(

@@ -39,3 +39,16 @@ class Billed:
         usage = Usage(prompt_tokens=2000, completion_tokens=100)
         self.tokens += usage.prompt_tokens + usage.completion_tokens
         return reply, usage
+
+
+BAD_STATS = "def mean(values):\n    return 0\n\n\ndef median(values):\n    return 0\n"
+
+
+def opencode_bad_stats(messages: list[Message], tools: list[ToolSpec], choice: str | None) -> Any:
+    """Overwrites stats.py with a wrong median: its candidate must lose on the checks."""
+    if "write" not in {t.name for t in tools}:
+        return {"content": "A title"}
+    if sum(1 for m in messages if m.role == "assistant") == 0:
+        edit = {"filePath": "stats.py", "content": BAD_STATS}
+        return {"tool_calls": [{"name": "write", "arguments": edit}]}
+    return {"content": "Done."}

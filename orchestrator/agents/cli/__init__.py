@@ -132,3 +132,8 @@ class CliBuilder:
         if tail.strip():
             text += "\n" + json.dumps({"type": "flow.stderr_tail", "text": tail}) + "\n"
         self.transcript.write_text(self.redact(text), encoding="utf-8")
+
+
+def cli_for(name: str, command: str | None = None, args: list[str] | None = None) -> AgentCli:
+    factory = CLIS[name]
+    return factory(command or name, args) if command else factory(extra_args=args)
