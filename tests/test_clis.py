@@ -24,7 +24,7 @@ from orchestrator.protocols import ListSink
 from orchestrator.redact import Redactor
 from orchestrator.runner import RunOptions, run_spec
 from orchestrator.spec import load_spec
-from orchestrator.testing import ChatServer, scripted_handler
+from orchestrator.testing import ChatServer, ServerReply, scripted_handler
 from orchestrator.workspace import Repo, worktree_diff
 from tests.clis import scripts
 
@@ -206,3 +206,15 @@ def test_mixed_run_picks_by_the_evidence(tmp_path: Path) -> None:
     # OpenCode's candidate wrote a wrong median and failed the checks; flow's loop won.
     stats = git(demo.repo, "show", "flow/add-median:stats.py")
     assert "sorted(values)" in stats and scripts.BAD_STATS not in stats
+
+
+def test_every_call_failing_yields_a_failed_candidate(tmp_path: Path) -> None:
+    def refuse(request: dict[str, Any]) -> ServerReply:
+        return ServerReply(400, {"error": {"message": "model overloaded", "type": "bad"}})
+
+    with ChatServer(refuse) as server:
+        builder, repo, base = run_builder(tmp_path, server, "opencode")
+    assert server.requests, "the CLI never reached the server"
+    assert builder.outcome.error is not None
+    assert builder.log.ok_calls == 0 and builder.log.failed_calls >= 1
+    assert worktree_diff(repo, base) == b""
