@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from orchestrator.config import LoadedConfig
 from orchestrator.errors import FlowError, WorkspaceError
 from orchestrator.events import BatchFinished, BatchStarted, SpecSkipped
+from orchestrator.fmt import usd
 from orchestrator.layers import ConfigSource
 from orchestrator.protocols import EventSink
 from orchestrator.runner import (
@@ -251,7 +252,7 @@ async def _one(
             if deadline is not None and datetime.now() >= deadline:
                 return skip(f"deadline {deadline:%H:%M} reached before it started")
             if cap.remaining() < _min_call_cost(loaded):
-                return skip(f"batch budget exhausted (${cap.remaining():.4f} left)")
+                return skip(f"batch budget exhausted ({usd(cap.remaining())} left)")
         elif spec.digest != item.spec_digest:
             store.update_item(
                 item.batch_id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from statistics import mean
 
+from orchestrator.fmt import duration, md, score, tokens, usd
 from orchestrator.ledger import Ledger
 from orchestrator.state import Candidate, CandidateChecks, Plan, Review, RunState, Selection
 from orchestrator.store import BatchItem, BatchRecord, RunRecord, Store
@@ -18,7 +19,9 @@ def _n(count: int, word: str) -> str:
 
 def _reasoning_block(texts: list[str]) -> list[str]:
     """The builder's reasoning, collapsed: it explains choices but is long."""
-    body = "\n\n".join(f"turn {i}: {t.strip()}" for i, t in enumerate(texts, 1) if t.strip())
+    body = "\n\n".join(
+        f"turn {i}: {md(t.strip())}" for i, t in enumerate(texts, 1) if t.strip()
+    )
     if not body:
         return []
     if len(body) > REASONING_CHARS:
@@ -46,23 +49,24 @@ def _candidate_section(
 ) -> list[str]:
     mark = " — **winner**" if c.index == winner else ""
     lines = [f"### Candidate #{c.index}: `{c.model}` (family {c.family}){mark}", ""]
-    lines.append(f"- status: {c.status}" + (f" ({c.error})" if c.error else ""))
+    lines.append(f"- status: {c.status}" + (f" ({md(c.error)})" if c.error else ""))
+    # The link's text is its path: a terminal shows link text only.
     lines.append(
         f"- diff: {_n(len(c.files), 'file')}, +{c.added} −{c.removed}"
-        + (f" ([patch]({c.patch}))" if c.patch else "")
+        + (f" (patch: [{md(c.patch)}]({c.patch}))" if c.patch else "")
     )
     lines.append(
-        f"- builder: {_n(c.turns, 'turn')}, {c.prompt_tokens + c.completion_tokens} tokens, "
-        f"${c.cost_usd:.4f}"
+        f"- builder: {_n(c.turns, 'turn')}, {tokens(c.prompt_tokens + c.completion_tokens)} "
+        f"tokens, {usd(c.cost_usd)}"
     )
     if c.summary:
-        lines.append(f"- builder's summary: {c.summary.strip()}")
+        lines.append(f"- builder's summary: {md(c.summary.strip())}")
     if checks is not None:
         for res in checks.results:
             state = "pass" if res.passed else ("timeout" if res.timed_out else "fail")
             if not res.passed and not res.timed_out:
                 state += f" (exit {res.exit_code})"
-            lines.append(f"- check `{res.command}`: {state}, {res.duration_s:.1f}s")
+            lines.append(f"- check `{res.command}`: {state}, {duration(res.duration_s)}")
             if not res.passed and res.output_tail.strip():
                 tail = "\n".join(res.output_tail.strip().splitlines()[-30:])
                 lines += [
@@ -79,16 +83,16 @@ def _candidate_section(
         lines.append("- not reviewed: its checks failed, so it could not be applied")
     for r in reviews:
         if r.error:
-            lines.append(f"- review by `{r.reviewer}`: failed ({r.error})")
+            lines.append(f"- review by `{r.reviewer}`: failed ({md(r.error)})")
             continue
         lines.append(
-            f"- review by `{r.reviewer}` ({r.family}): {r.score:.1f}/10, {r.verdict}"
-            f" — {r.summary.strip()}"
+            f"- review by `{r.reviewer}` ({r.family}): {score(r.score)}/10, {r.verdict}"
+            f" — {md(r.summary.strip())}"
         )
-        lines += [f"  - {f}" for f in r.findings]
+        lines += [f"  - {md(f)}" for f in r.findings]
     done = [r.score for r in reviews if r.error is None]
     if done:
-        lines.append(f"- mean review score: {mean(done):.2f}")
+        lines.append(f"- mean review score: {score(mean(done))}")
     lines += _reasoning_block(reasoning or [])
     return [*lines, ""]
 
@@ -112,7 +116,7 @@ def render_markdown(
     checks = {c.candidate: c for c in state.get("checks", [])}
     reviews = state.get("reviews", [])
     winner = selection.winner if selection else None
-    lines = [f"# flow run {state.get('run_id', '')}: {title}", ""]
+    lines = [f"# flow run {state.get('run_id', '')}: {md(title)}", ""]
     lines.append(f"- spec: `{spec_path}`")
     lines.append(f"- base: `{base}`")
     if applied:
@@ -121,15 +125,15 @@ def render_markdown(
         )
     else:
         lines.append(f"- **outcome: {outcome}** — nothing was applied (intended branch `{branch}`)")
-    lines.append(f"- cost: ${cost:.4f}")
+    lines.append(f"- cost: {usd(cost)}")
     if dirty_note:
         lines.append(f"- note: {dirty_note}")
     lines.append("")
     if plan:
-        lines += ["## Plan", "", plan.summary.strip(), ""]
-        lines += [f"{i}. {s}" for i, s in enumerate(plan.steps, 1)] + [""]
+        lines += ["## Plan", "", md(plan.summary.strip()), ""]
+        lines += [f"{i}. {md(s)}" for i, s in enumerate(plan.steps, 1)] + [""]
     lines += ["## Selection", ""]
-    lines += [f"- {e}" for e in (selection.explanation if selection else ["(not reached)"])]
+    lines += [f"- {md(e)}" for e in (selection.explanation if selection else ["(not reached)"])]
     lines += ["", "## Candidates", ""]
     for c in sorted(state.get("candidates", []), key=lambda c: c.index):
         lines += _candidate_section(
@@ -142,20 +146,13 @@ def render_markdown(
     if spend:
         lines += ["## Spend", ""]
         for dimension, table in spend.items():
-            items = ", ".join(f"{k} ${v:.4f}" for k, v in sorted(table.items()))
+            items = ", ".join(f"{md(k)} {usd(v)}" for k, v in sorted(table.items()))
             lines.append(f"- by {dimension}: {items or '(none)'}")
         lines.append("")
     notes = state.get("notes", [])
     if notes:
-        lines += ["## Skipped and why", ""] + [f"- {n}" for n in notes] + [""]
+        lines += ["## Skipped and why", ""] + [f"- {md(n)}" for n in notes] + [""]
     return "\n".join(lines).rstrip() + "\n"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def render_batch(
@@ -169,7 +166,7 @@ def render_batch(
     budget = batch.options.get("budget_usd")
     lines = [f"# flow batch {batch.batch_id}", ""]
     lines.append(f"- status: {batch.live_status}; {len(items)} specs")
-    lines.append(f"- spent: ${total:.4f}" + (f" of ${budget:.2f}" if budget is not None else ""))
+    lines.append(f"- spent: {usd(total)}" + (f" of {usd(budget)}" if budget is not None else ""))
     counts: dict[str, int] = {}
     for item in items:
         counts[item.status] = counts.get(item.status, 0) + 1
@@ -187,11 +184,13 @@ def render_batch(
         lines.append(
             f"| `{item.spec_path}` | {status} | {branch} | "
             f"{(run.winner_model if run else None) or '-'} | "
-            f"${run.cost_usd if run else 0.0:.4f} | {_duration(took)} |"
+            f"{usd(run.cost_usd if run else 0.0)} | {duration(took)} |"
         )
     lines += ["", "## Spend", ""]
     for dimension, table in spend.items():
-        parts = ", ".join(f"{k} ${v:.4f}" for k, v in sorted(table.items(), key=lambda kv: -kv[1]))
+        parts = ", ".join(
+            f"{md(k)} {usd(v)}" for k, v in sorted(table.items(), key=lambda kv: -kv[1])
+        )
         lines.append(f"- by {dimension}: {parts or '(none)'}")
     not_applied = [i for i in items if i.status != "applied"]
     if not_applied:
@@ -199,7 +198,7 @@ def render_batch(
         for item in not_applied:
             lines.append(
                 f"- `{item.spec_path}`: {item.status}"
-                + (f" — {item.reason}" if item.reason else "")
+                + (f" — {md(item.reason)}" if item.reason else "")
             )
     return "\n".join(lines).rstrip() + "\n"
 

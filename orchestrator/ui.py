@@ -25,6 +25,7 @@ from orchestrator.events import (
     SpecSkipped,
     StageStarted,
 )
+from orchestrator.fmt import score, tokens, usd
 from orchestrator.store import BatchRecord, RunRecord
 
 STATUS_STYLE = {"running": "yellow", "ok": "green", "empty": "dim", "failed": "red"}
@@ -96,8 +97,8 @@ class LiveView(_LiveTable):
                 b.model,
                 Text(b.status, style=STATUS_STYLE.get(b.status, "")),
                 str(b.turns),
-                f"{b.tokens:,}",
-                f"${b.cost_usd:.4f}",
+                tokens(b.tokens),
+                usd(b.cost_usd),
                 b.action,
             )
         head = Text.assemble(
@@ -140,7 +141,7 @@ def describe(event: Event) -> str | None:
             return f"  review of #{event.candidate} by {event.reviewer}: failed ({event.error})"
         return (
             f"  review of #{event.candidate} by {event.reviewer}: "
-            f"{event.score:.1f}/10 {event.verdict}"
+            f"{score(event.score)}/10 {event.verdict}"
         )
     if isinstance(event, Selected):
         return "  selection:\n" + "\n".join(f"    {e}" for e in event.explanation)
@@ -153,18 +154,18 @@ def describe(event: Event) -> str | None:
         return (
             f"[bold]batch {event.batch_id}[/]: {event.applied} applied, {event.nothing} "
             f"nothing acceptable, {event.failed} failed, {event.skipped} skipped; "
-            f"cost ${event.cost_usd:.4f}\nreport: {event.report}"
+            f"cost {usd(event.cost_usd)}\nreport: {event.report}"
         )
     if isinstance(event, RunFinished):
         if event.outcome == "applied":
             return (
                 f"[green bold]applied[/] on branch [bold]{event.branch}[/] "
-                f"({(event.commit or '')[:12]}), cost ${event.cost_usd:.4f}\n"
+                f"({(event.commit or '')[:12]}), cost {usd(event.cost_usd)}\n"
                 f"report: {event.report}"
             )
         return (
             f"[red bold]nothing applied[/]: no acceptable candidate, cost "
-            f"${event.cost_usd:.4f}\nreport: {event.report}"
+            f"{usd(event.cost_usd)}\nreport: {event.report}"
         )
     return None
 
@@ -185,7 +186,7 @@ class BatchView(_LiveTable):
         table.add_column("stage", no_wrap=True, width=10)
         table.add_column("cost", no_wrap=True, justify="right", width=9)
         for run_id, (title, stage) in self.rows.items():
-            table.add_row(run_id, title, stage, f"${self.cost.get(run_id, 0.0):.4f}")
+            table.add_row(run_id, title, stage, usd(self.cost.get(run_id, 0.0)))
         return Group(Text(self.header, style="bold"), table)
 
     def emit(self, event: Event) -> None:
@@ -194,7 +195,7 @@ class BatchView(_LiveTable):
             verb = "resuming" if event.resumed else "starting"
             self.header = (
                 f"flow batch {event.batch_id}: {verb}, {len(event.specs)} specs, "
-                f"budget ${event.budget_usd:.2f}"
+                f"budget {usd(event.budget_usd)}"
             )
         elif isinstance(event, RunStarted):
             self.rows[event.run_id] = [event.title, "plan"]
@@ -226,14 +227,14 @@ def status_tables(
         bt.add_column("batch", no_wrap=True, width=24)
         bt.add_column("status", no_wrap=True, width=11)
         bt.add_column("specs", no_wrap=True, justify="right", width=5)
-        bt.add_column("budget", no_wrap=True, justify="right", width=8)
+        bt.add_column("budget", no_wrap=True, justify="right", width=10)
         bt.add_column("started", no_wrap=True, width=11)
         for b in batches:
             bt.add_row(
                 b.batch_id,
                 b.live_status,
                 str(specs_per_batch.get(b.batch_id, 0)),
-                f"${b.options.get('budget_usd', 0):.2f}",
+                usd(b.options.get("budget_usd", 0)),
                 _when(b.started),
             )
         tables.append(bt)
@@ -255,7 +256,7 @@ def status_tables(
             r.run_id,
             Text(r.live_status, style=style),
             title,
-            f"${r.cost_usd:.4f}",
+            usd(r.cost_usd),
             _when(r.started),
         )
     tables.append(rt)

@@ -8,6 +8,7 @@ from langgraph.runtime import Runtime
 
 from orchestrator.context import Context
 from orchestrator.events import Notice, StageStarted
+from orchestrator.fmt import usd
 from orchestrator.state import Applied, Candidate, RunState
 from orchestrator.workspace import BranchExists
 
@@ -17,7 +18,7 @@ def commit_message(title: str, winner: Candidate, run_id: str, cost: float) -> s
     parts = [title.strip()]
     if body:
         parts.append(body)
-    parts.append(f"Flow-Run: {run_id}\nFlow-Model: {winner.model}\nFlow-Cost: ${cost:.4f}")
+    parts.append(f"Flow-Run: {run_id}\nFlow-Model: {winner.model}\nFlow-Cost: {usd(cost)}")
     return "\n\n".join(parts) + "\n"
 
 

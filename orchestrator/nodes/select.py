@@ -8,6 +8,7 @@ from langgraph.runtime import Runtime
 
 from orchestrator.context import Context
 from orchestrator.events import Selected, StageStarted
+from orchestrator.fmt import score as score_text
 from orchestrator.state import Candidate, CandidateChecks, Review, RunState, Selection
 
 
@@ -47,7 +48,7 @@ def choose(
     for rank, c in enumerate(ranking, 1):
         s = score(c)
         checks_word = "checks pass, " if has_checks else ""
-        review_word = f"mean review {s:.1f}" if s is not None else "no reviews"
+        review_word = f"mean review {score_text(s)}" if s is not None else "no reviews"
         explanation.append(
             f"rank {rank}: #{c.index} ({c.model}): {checks_word}{review_word}, "
             f"{c.diff_size} changed lines"

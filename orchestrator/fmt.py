@@ -1,0 +1,44 @@
+"""One way to write numbers people read: money, tokens, durations, scores; and markdown escaping.
+
+Every report, the live view and `flow status` go through these, so the same amount reads the
+same wherever it appears.
+"""
+
+from __future__ import annotations
+
+import re
+
+# What markdown-it-py acts on inside a line (emphasis, code, links, HTML, tables, strikethrough,
+# entities), and `#` where it would start a heading; CommonMark lets each be backslash-escaped,
+# and the rest of the text stays readable in the raw file.
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&])")
+_MD_HEADING = re.compile(r"(?m)^(\s*)#(?=[#\s]|$)")
+
+
+def usd(amount: float) -> str:
+    """Dollars to four decimals: small per-call costs stay visible."""
+    return f"${amount:.4f}"
+
+
+def tokens(count: int) -> str:
+    return f"{count:,}"
+
+
+def duration(seconds: float | None) -> str:
+    """Seconds with one decimal under a minute, then minutes and seconds."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def score(value: float) -> str:
+    return f"{value:.1f}"
+
+
+def md(text: str) -> str:
+    """Model or user text made literal in markdown: `__init__.py` stays `__init__.py`."""
+    return _MD_HEADING.sub(r"\1\\#", _MD_SPECIAL.sub(r"\\\1", text))
