@@ -90,3 +90,13 @@ def test_empty_and_failed_builders_are_explained() -> None:
 def test_without_checks_any_diff_is_acceptable() -> None:
     sel = choose([cand(0, added=3)], [], [], has_checks=False)
     assert sel.winner == 0
+
+
+def test_unfinished_builder_is_never_applied() -> None:
+    """Issue 8.10: a builder that crashed halfway left a diff; it must not be committed."""
+    half = cand(0).model_copy(update={"error": "RuntimeError: model fell over"})
+    sel = choose([half, cand(1, added=90)], [], [review(0, 10), review(1, 2)], has_checks=False)
+    assert sel.winner == 1 and sel.ranking == [1]
+    assert any("#0" in e and "did not finish" in e for e in sel.explanation)
+    sel = choose([half], [], [], has_checks=False)
+    assert sel.winner is None

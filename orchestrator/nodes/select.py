@@ -21,8 +21,8 @@ def choose(
 ) -> Selection:
     """Checks first, then the mean review score, then the smaller diff, then builder order.
 
-    A candidate is acceptable when it has a diff, its checks pass (if the spec has any), and
-    not every completed review rejected it.
+    A candidate is acceptable when it has a diff, its builder finished, its checks pass (if
+    the spec has any), and not every completed review rejected it.
     """
     passed = {c.candidate: c.passed for c in checks}
     done = [r for r in reviews if r.error is None]
@@ -33,6 +33,9 @@ def choose(
         mine = [r for r in done if r.candidate == c.index]
         if c.status != "ok":
             explanation.append(f"{label}: no diff ({c.status}{': ' + c.error if c.error else ''})")
+        elif c.error:
+            # A builder that crashed or ran out of turns left half-done work: never apply it.
+            explanation.append(f"{label}: builder did not finish ({c.error})")
         elif has_checks and not passed.get(c.index, False):
             explanation.append(f"{label}: checks failed")
         elif mine and all(r.verdict == "reject" for r in mine):
