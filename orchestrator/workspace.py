@@ -64,7 +64,31 @@ _CLONE_CONFIG = (
     ("gc.auto", "0"),
     ("maintenance.auto", "false"),
 )
-_SAFE_OVERRIDES = (("core.fsmonitor", "false"), ("core.hooksPath", "/dev/null"))
+# flow reads a checkout a model has touched through a git directory of its own, beside the
+# checkout (never inside it): the checkout's .git, config, hooks and attributes are the
+# model's to write, so none of them may decide what flow's git runs or records.
+_SHADOW_CONFIG = (
+    ("core.bare", "false"),
+    ("core.hooksPath", "/dev/null"),
+    ("core.fsmonitor", "false"),
+    ("core.autocrlf", "false"),
+    ("core.safecrlf", "false"),
+    ("core.attributesFile", "/dev/null"),
+    ("core.excludesFile", "/dev/null"),
+    ("core.untrackedCache", "false"),
+    ("core.splitIndex", "false"),
+    ("gc.auto", "0"),
+    ("maintenance.auto", "false"),
+)
+# info/attributes outranks every .gitattributes of the work tree: no filter, conversion or
+# diff driver a model wrote there applies to what flow records.
+_SHADOW_ATTRIBUTES = (
+    "* !filter !text !eol !ident !diff !merge !working-tree-encoding !crlf\n"
+)
+_SHADOW_SUFFIX = ".flowgit"
+GIT_TIMEOUT_S = 600.0
+"""No git command flow runs may hang a run: each is killed after this long."""
+_SCRUBBED_KEEP = ("PATH", "LANG", "TZ", "TMPDIR")
 
 
 class BranchExists(WorkspaceError):
@@ -78,6 +102,22 @@ def _git_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _scrubbed_env(extra: dict[str, str] | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k in _SCRUBBED_KEEP}
+    env.update(
+        GIT_TERMINAL_PROMPT="0",
+        LC_ALL="C",
+        GIT_OPTIONAL_LOCKS="0",
+        GIT_CONFIG_NOSYSTEM="1",
+        GIT_CONFIG_GLOBAL="/dev/null",
+        GIT_ATTR_NOSYSTEM="1",
+        HOME="/nonexistent",
+        XDG_CONFIG_HOME="/nonexistent",
+    )
+    env.update(extra or {})
+    return env
+
+
 def _run(
     cwd: Path,
     args: tuple[str, ...],
@@ -85,17 +125,26 @@ def _run(
     env: dict[str, str] | None = None,
     input: bytes | None = None,
     check: bool = True,
+    scrubbed: bool = False,
+    timeout_s: float = GIT_TIMEOUT_S,
 ) -> subprocess.CompletedProcess[bytes]:
+    """git in `cwd`. `scrubbed`: the environment is `env` plus a bare minimum, nothing of
+    flow's own (keys above all), for git reading a checkout a model has touched."""
     try:
         proc = subprocess.run(
             ["git", "-C", str(cwd), *args],
-            env=_git_env(env),
+            env=_scrubbed_env(env) if scrubbed else _git_env(env),
             input=input,
             capture_output=True,
             stdin=None if input is not None else subprocess.DEVNULL,
+            timeout=timeout_s,
         )
     except FileNotFoundError as exc:
         raise WorkspaceError("git is not installed or not on PATH; install git") from exc
+    except subprocess.TimeoutExpired:
+        raise WorkspaceError(
+            f"git {args[0]} in {cwd} did not finish within {timeout_s:.0f} s; it was stopped"
+        ) from None
     if check and proc.returncode != 0:
         raise WorkspaceError(f"git {args[0]} failed in {cwd}: {_first_line(proc.stderr)}")
     return proc
@@ -225,7 +274,7 @@ class Repo:
         try:
             self._clone(path, sha)
         except BaseException:
-            _remove_tree(path)
+            self.remove_worktree(path)
             raise
         return path
 
@@ -243,10 +292,33 @@ class Repo:
         # Every object of the source is readable through alternates: a base reachable only
         # from a tag, or from nothing at all, checks out as well as a branch tip.
         _run(path, ("checkout", "--quiet", "--detach", sha, "--"))
+        self._shadow(path, sha)
+
+    def _shadow(self, path: Path, sha: str) -> None:
+        """flow's own git directory for reading `path` later (see `shadow_dir`)."""
+        shadow = shadow_dir(path)
+        _remove_tree(shadow)
+        fmt = self.git("rev-parse", "--show-object-format", check=False) or "sha1"
+        init = ("init", "--bare", "--quiet", "--template=", f"--object-format={fmt}")
+        _run(path.parent, (*init, "--", str(shadow)), scrubbed=True)
+        for key, value in _SHADOW_CONFIG:
+            _run(shadow, ("config", key, value), env={"GIT_DIR": str(shadow)}, scrubbed=True)
+        (shadow / "objects" / "info").mkdir(parents=True, exist_ok=True)
+        (shadow / "objects" / "info" / "alternates").write_text(
+            f"{(self.git_dir / 'objects').resolve()}\n", encoding="utf-8"
+        )
+        info = shadow / "info"
+        info.mkdir(exist_ok=True)
+        (info / "attributes").write_text(_SHADOW_ATTRIBUTES, encoding="utf-8")
+        exclude = self.git_dir / "info" / "exclude"
+        if exclude.is_file():
+            shutil.copyfile(exclude, info / "exclude")
+        (shadow / "HEAD").write_text(f"{sha}\n", encoding="utf-8")
 
     def remove_worktree(self, path: Path) -> None:
         """Delete a checkout made by `add_worktree`; nothing of the user's repository changes."""
         _remove_tree(Path(path))
+        _remove_tree(shadow_dir(Path(path)))
 
     def _legacy_worktrees(self, top: Path) -> list[Path]:
         """Linked worktrees under `top`, left by flow versions that used `git worktree`."""
@@ -300,50 +372,61 @@ class Repo:
         )
 
 
+def shadow_dir(worktree: Path) -> Path:
+    """flow's private git directory for a checkout: beside it, never inside it.
+
+    Its config, attributes and hooks are flow's (no filters, no conversions, no hooks), its
+    objects are the user's repository's (read-only, through alternates), and the checkout
+    is only its work tree. Whatever a model wrote into the checkout's own .git (config with
+    a `filter.*.clean` program, hooks, an fsmonitor, a .git replaced by a link) is never read.
+    """
+    worktree = Path(worktree)
+    return worktree.parent / f".{worktree.name}{_SHADOW_SUFFIX}"
+
+
 def worktree_diff(worktree: Path, base_sha: str) -> bytes:
     """Everything in `worktree` that differs from base, as a binary patch; b"" if nothing."""
     with tempfile.TemporaryDirectory(prefix="flow-index-") as tmp:
         index = _checkout_env(worktree) | {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
-        _run(worktree, ("read-tree", base_sha), env=index)
-        _run(worktree, ("add", "-A"), env=index)
+        _safe(worktree, ("read-tree", base_sha), index)
+        _safe(worktree, ("add", "-A"), index)
         _drop_new_gitlinks(worktree, base_sha, index)
-        return _run(worktree, ("diff", "--cached", *_DIFF_OPTS, base_sha, "--"), env=index).stdout
+        return _safe(worktree, ("diff", "--cached", *_DIFF_OPTS, base_sha, "--"), index).stdout
+
+
+def _safe(
+    worktree: Path, args: tuple[str, ...], env: dict[str, str], input: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    return _run(worktree, args, env=env, input=input, scrubbed=True)
 
 
 def _checkout_env(worktree: Path) -> dict[str, str]:
-    """For flow's own git calls in a builder's checkout, whose .git the builder could edit.
-
-    No discovery (a deleted .git would lead git up to some enclosing repository), and none
-    of the config keys that make `add` or `apply` start a program outside the sandbox.
-    """
-    git_dir = worktree / ".git"
-    if git_dir.is_symlink() or not git_dir.is_dir():
-        raise WorkspaceError(f"{worktree}: .git is no longer the checkout's own directory")
-    env = {"GIT_DIR": str(git_dir), "GIT_WORK_TREE": str(worktree)}
-    for i, (key, value) in enumerate(_SAFE_OVERRIDES):
-        env |= {f"GIT_CONFIG_KEY_{i}": key, f"GIT_CONFIG_VALUE_{i}": value}
-    return env | {"GIT_CONFIG_COUNT": str(len(_SAFE_OVERRIDES))}
+    """For flow's own git calls in a checkout a model touched: flow's git dir, its work tree."""
+    shadow = shadow_dir(worktree)
+    if not (shadow / "HEAD").is_file():
+        raise WorkspaceError(f"{worktree}: not a checkout made by flow (no {shadow.name})")
+    return {"GIT_DIR": str(shadow), "GIT_WORK_TREE": str(Path(worktree).resolve())}
 
 
 def _drop_new_gitlinks(worktree: Path, base_sha: str, index: dict[str, str]) -> None:
     # A builder that ran `git init` in a subdirectory would otherwise hand us a submodule
     # entry pointing at a commit that exists nowhere but in its worktree.
-    staged = _text(_run(worktree, ("ls-files", "--stage", "-z"), env=index)).split("\0")
+    staged = _text(_safe(worktree, ("ls-files", "--stage", "-z"), index)).split("\0")
     links = [line.split("\t", 1)[1] for line in staged if line.startswith("160000 ")]
     if not links:
         return
-    old = _text(_run(worktree, ("ls-tree", "-r", "-z", base_sha), env=index)).split("\0")
+    old = _text(_safe(worktree, ("ls-tree", "-r", "-z", base_sha), index)).split("\0")
     kept = {line.split("\t", 1)[1] for line in old if line.startswith("160000 ")}
     new = [p for p in links if p not in kept]
     if new:
-        _run(worktree, ("update-index", "--force-remove", "--", *new), env=index)
+        _safe(worktree, ("update-index", "--force-remove", "--", *new), index)
 
 
 def apply_patch(worktree: Path, patch: bytes) -> None:
     """Apply a `worktree_diff` patch to the files of `worktree` (its index is left alone)."""
     if not patch.strip():
         return
-    _run(worktree, ("apply", *_APPLY_OPTS), env=_checkout_env(worktree), input=patch)
+    _safe(worktree, ("apply", *_APPLY_OPTS), _checkout_env(worktree), input=patch)
 
 
 _HUNK = re.compile(rb"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
@@ -448,7 +531,7 @@ def remove_run_worktrees(repo: Repo, run_id: str) -> int:
         repo.git("worktree", "prune", check=False)
     if top.is_dir() and not any(top.iterdir()):
         top.rmdir()
-    return len(found)
+    return sum(1 for p in found if not p.name.endswith(_SHADOW_SUFFIX))
 
 
 def _remove_tree(path: Path) -> None:

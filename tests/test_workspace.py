@@ -396,7 +396,7 @@ def test_flows_own_git_calls_ignore_what_the_builder_put_in_the_checkouts_config
 
 
 @pytest.mark.parametrize("damage", ["gitfile", "symlink", "deleted"])
-def test_a_checkout_whose_git_dir_was_replaced_is_refused(
+def test_a_checkout_whose_git_dir_was_replaced_is_read_through_flows_own(
     repo: Repo, make_repo: MakeRepo, damage: str
 ) -> None:
     base = repo.resolve("HEAD")
@@ -409,12 +409,22 @@ def test_a_checkout_whose_git_dir_was_replaced_is_refused(
         (path / ".git").symlink_to(repo.git_dir)
     before = user_repo_snapshot(repo)
     objects = sorted(p.name for p in (repo.git_dir / "objects").iterdir())
-    with pytest.raises(WorkspaceError, match=r"\.git is no longer the checkout's own"):
-        worktree_diff(path, base)
-    with pytest.raises(WorkspaceError, match=r"\.git is no longer the checkout's own"):
-        apply_patch(path, b"diff --git a/x b/x\n")
+    patch = worktree_diff(path, base)
+    assert diff_stats(patch)[0] == ["NEW.md"]  # the .git entry itself is never part of it
+    check = repo.add_worktree(worktree_dir(repo, "r1") / "c0", base)
+    shutil.rmtree(check / ".git")
+    (check / ".git").symlink_to(repo.git_dir)
+    apply_patch(check, patch)
+    assert (check / "NEW.md").read_text() == "x\n"
     assert user_repo_snapshot(repo) == before
     assert sorted(p.name for p in (repo.git_dir / "objects").iterdir()) == objects
+
+
+def test_a_directory_flow_did_not_make_is_refused(repo: Repo, tmp_path: Path) -> None:
+    stranger = tmp_path / "not-ours"
+    stranger.mkdir()
+    with pytest.raises(WorkspaceError, match="not a checkout made by flow"):
+        worktree_diff(stranger, repo.resolve("HEAD"))
 
 
 def test_add_worktree_is_safe_from_threads(repo: Repo) -> None:
