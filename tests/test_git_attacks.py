@@ -16,7 +16,7 @@ import yaml
 from conftest import MakeRepo, flow_in, git
 
 from orchestrator.demo import prepare_demo
-from orchestrator.workspace import Repo, apply_patch, diff_stats, worktree_dir, worktree_diff
+from orchestrator.workspace import Repo, apply_patch, diff_stats, worktree_diff, worktree_dir
 
 KEY = "sk-git-attack-4c3b2a1908"
 
