@@ -18,13 +18,13 @@ from orchestrator.errors import FlowError, WorkspaceError
 from orchestrator.events import BatchFinished, BatchStarted, SpecSkipped
 from orchestrator.fmt import usd
 from orchestrator.layers import ConfigSource
+from orchestrator.preflight import preflight
 from orchestrator.protocols import EventSink
 from orchestrator.runner import (
     RunOptions,
     Shared,
     flow_dir,
     new_run_id,
-    preflight,
     run_spec,
     shared_resources,
     sweep_dead_runs,
@@ -271,7 +271,15 @@ async def _one(
         )
         try:
             if item.run_id is None:
-                await asyncio.to_thread(preflight, spec, loaded, repo)
+                await asyncio.to_thread(
+                    lambda: preflight(
+                        spec,
+                        loaded,
+                        repo,
+                        builders=options.builders,
+                        budget_usd=run_opts.budget_usd,
+                    )
+                )
             result = await run_spec(
                 spec, loaded, repo, events, run_opts, run_id=run_id, shared=shared
             )

@@ -214,6 +214,7 @@ def validate(
 ) -> None:
     """Check specs, the merged config and its keys without calling any model."""
     from orchestrator.config import resolve_api_key
+    from orchestrator.preflight import preflight, vendor_key
     from orchestrator.spec import load_spec
 
     repository = _repo(repo)
@@ -221,10 +222,8 @@ def validate(
     loaded = layers.resolve()
     for path in specs:
         spec = load_spec(path)
-        repository.resolve(spec.base or "HEAD")
         loaded = layers.resolve(spec.models, f"{path}: models")
-        for model in loaded.models.values():
-            resolve_api_key(model)
+        preflight(spec, loaded, repository)  # the same checks `flow run` makes before spending
         slots = loaded.builder_slots(spec.builders)
         typer.echo(
             f"ok  {path}: {spec.title!r} → {spec.branch}; {len(slots)} builders, "
@@ -232,12 +231,30 @@ def validate(
         )
     for model in loaded.models.values():
         resolve_api_key(model)
+        vendor_key(model)
     for name in layers.profile_names():
         layers.with_profile(name).resolve()  # every profile must be usable, not only this one
     typer.echo(
         f"ok  {loaded.path or 'config'}: {len(loaded.models)} models, "
         f"{len(loaded.config.stages.reviewers)} reviewers"
     )
+
+
+@app.command()
+def init(repo: RepoOpt = None) -> None:
+    """Write a commented agents.yaml and specs/example.md (with the detected test command)."""
+    from orchestrator.init import detect_test_command, repository_root, write_init
+
+    root = repository_root(repo or Path.cwd())
+    written, left = write_init(root)
+    for path in written:
+        typer.echo(f"wrote {path.relative_to(root)}")
+    for path in left:
+        typer.echo(f"kept  {path.relative_to(root)} (exists; flow init never overwrites)")
+    command = detect_test_command(root)
+    typer.echo(f"checks: {command}" if command else "checks: none found; add yours to the spec")
+    typer.echo("next: export the key variables agents.yaml names, then "
+               "`flow validate specs/example.md`")
 
 
 @app.command()
@@ -253,14 +270,16 @@ def run(
     keep: KeepOpt = False,
 ) -> None:
     """Run one spec end to end: plan, build ×N, check, review, select, commit to a branch."""
-    from orchestrator.runner import RunOptions, preflight, run_spec
+    from orchestrator.preflight import preflight
+    from orchestrator.runner import RunOptions, run_spec
     from orchestrator.spec import load_spec
 
     repository = _repo(repo)
     parsed = load_spec(spec)
     layers = _layers(repository, config, profile, set_)
     loaded = layers.resolve(parsed.models, f"{spec}: models")
-    preflight(parsed, loaded, repository)  # user errors before the live view starts
+    # user errors before the live view starts
+    preflight(parsed, loaded, repository, builders=builders, budget_usd=budget)
     options = RunOptions(
         builders=builders,
         budget_usd=budget,

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 from langchain_core.runnables import RunnableConfig
 from pydantic import BaseModel
 
-from orchestrator.config import LoadedConfig, resolve_api_key, secret_values
+from orchestrator.config import LoadedConfig, secret_values
 from orchestrator.context import Context
 from orchestrator.errors import WorkspaceError
 from orchestrator.events import Event, RunFinished, RunStarted
 from orchestrator.layers import ConfigSource
+from orchestrator.preflight import preflight
 from orchestrator.protocols import EventSink
 from orchestrator.redact import Redactor, environment_secrets
 from orchestrator.spec import Spec
@@ -117,43 +118,6 @@ def flow_dir(repo: Repo) -> Path:
     return path
 
 
-def preflight(spec: Spec, loaded: LoadedConfig, repo: Repo) -> str:
-    """Everything that can be wrong before money is spent; returns the base commit."""
-    from orchestrator.nodes.check import missing_programs
-
-    try:
-        base_sha = repo.resolve(spec.base or "HEAD")
-    except WorkspaceError as err:
-        raise WorkspaceError(
-            f"{spec.path}: base: {err}; set `base:` to a branch, tag or commit of the repository"
-        ) from None
-    missing = missing_programs(spec.checks, lambda path: repo.has_file(base_sha, path))
-    if missing:
-        raise WorkspaceError(
-            f"{spec.path}: checks: {missing[0]!r} is not installed (not on "
-            "PATH, nor a file of the repository); install it or fix the command"
-        )
-    if repo.branch_exists(spec.branch):
-        raise WorkspaceError(
-            f"{spec.path}: branch {spec.branch!r} already exists in {repo.root}; "
-            "set `branch:` in the spec's front matter or delete the branch"
-        )
-    stages = loaded.config.stages
-    used = {
-        stages.planner.model,
-        *loaded.builder_slots(spec.builders),
-        *(r.model for r in stages.reviewers),
-    }
-    for name in sorted(used):
-        model = loaded.model(name)
-        resolve_api_key(model)
-        if model.scripted and model.script is not None:
-            from orchestrator.llm.scripted import ScriptedModel
-
-            ScriptedModel(name, model.script)  # a missing or broken script fails here, not mid-run
-    return base_sha
-
-
 def sweep_dead_runs(repo: Repo, store: Store) -> None:
     """Remove checkouts left behind by runs whose process died."""
     for rec in store.runs(limit=200):
@@ -193,16 +157,20 @@ async def run_spec(
 ) -> RunResult:
     """Run (or, given the id of an interrupted run, resume) one spec."""
     # git and SQLite work happens in threads: in a batch, every run shares one event loop.
-    base_sha = await asyncio.to_thread(_base_for, spec, loaded, repo, run_id)
+    base_sha = await asyncio.to_thread(_base_for, spec, loaded, repo, run_id, options)
     if shared is None:
         async with shared_resources(repo, loaded) as own:
             return await _run(spec, loaded, repo, events, options, run_id, own, base_sha)
     return await _run(spec, loaded, repo, events, options, run_id, shared, base_sha)
 
 
-def _base_for(spec: Spec, loaded: LoadedConfig, repo: Repo, run_id: str | None) -> str:
+def _base_for(
+    spec: Spec, loaded: LoadedConfig, repo: Repo, run_id: str | None, options: RunOptions
+) -> str:
     if run_id is None:
-        return preflight(spec, loaded, repo)
+        return preflight(
+            spec, loaded, repo, builders=options.builders, budget_usd=options.budget_usd
+        )
     return repo.resolve(spec.base or "HEAD")
 
 

@@ -160,7 +160,7 @@ def test_every_help_page_is_plain_and_every_option_explained() -> None:
 
     group = typer.main.get_command(app)
     commands = _commands()
-    assert {"validate", "run", "batch"} <= {c[0] for c in commands if c}
+    assert {"validate", "run", "batch", "init"} <= {c[0] for c in commands if c}
     for path in commands:
         for flag in ("--help", "-h"):
             res = CliRunner().invoke(app, [*path, flag], terminal_width=200)

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shlex
-import shutil
-from collections.abc import Callable
 
 from langgraph.runtime import Runtime
 
 from orchestrator.context import Context
 from orchestrator.events import CheckDone
+from orchestrator.preflight import missing_programs, program_of
 from orchestrator.proc import run_shell, sandbox_env
 from orchestrator.state import CandidateChecks, CheckResult, CheckTask
 from orchestrator.workspace import apply_patch
 
 TAIL_CHARS = 4000
+__all__ = ["check", "missing_programs", "program_of"]
 
 
 async def check(task: CheckTask, runtime: Runtime[Context]) -> dict[str, object]:
@@ -74,59 +72,3 @@ async def _run_checks(ctx: Context, task: CheckTask) -> list[CheckResult]:
         if not ctx.keep_worktrees:
             await asyncio.to_thread(ctx.repo.remove_worktree, path)
     return results
-
-
-_SHELL_WORDS = {
-    "if",
-    "for",
-    "while",
-    "until",
-    "case",
-    "{",
-    "(",
-    "!",
-    "[[",
-    "time",
-    "exec",
-    "cd",
-    "export",
-    "test",
-    "[",
-    "true",
-    "false",
-    "set",
-    "source",
-    ".",
-    "eval",
-}
-
-
-def program_of(command: str) -> str | None:
-    """The program a check command starts, when that is plain to see (else None)."""
-    try:
-        words = shlex.split(command, comments=True)
-    except ValueError:
-        return None
-    while words and "=" in words[0] and not words[0].startswith("="):
-        words = words[1:]  # FOO=1 cmd …
-    if not words or words[0] in _SHELL_WORDS or words[0].startswith(("$", "`")):
-        return None
-    return words[0]
-
-
-def missing_programs(commands: list[str], has_file: Callable[[str], bool]) -> list[str]:
-    """Check programs that are neither on PATH nor (for ./paths) files of the repository."""
-    missing = []
-    for command in commands:
-        program = program_of(command)
-        if program is None:
-            continue
-        if "/" in program:
-            if not os.path.isabs(program) and has_file(os.path.normpath(program)):
-                continue
-            if os.path.isabs(program) and os.access(program, os.X_OK):
-                continue
-            missing.append(program)
-        elif shutil.which(program, path=sandbox_env().get("PATH")) is None:
-            missing.append(program)
-    return missing

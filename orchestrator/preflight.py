@@ -1,0 +1,189 @@
+"""What can be wrong before money is spent, shared by `flow validate`, `flow run` and batches.
+
+Light on purpose: `flow validate` runs it, so it imports neither litellm nor langgraph.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+from collections.abc import Callable, Mapping
+
+from orchestrator import catalog
+from orchestrator.config import LoadedConfig, ResolvedModel, resolve_api_key
+from orchestrator.errors import BudgetExceeded, ConfigError, WorkspaceError
+from orchestrator.proc import sandbox_env
+from orchestrator.spec import Spec
+from orchestrator.workspace import Repo
+
+PROMPT_ALLOWANCE_TOKENS = 8_000
+"""Prompt size assumed for a first call's worst case (the spec, the plan, a repository view)."""
+
+# The variable litellm reads for a bare model id of each vendor (its own table lives in code,
+# `validate_environment`, not in data that can be read without importing litellm).
+VENDOR_KEYS: dict[str, tuple[str, ...]] = {
+    "openai": ("OPENAI_API_KEY",),
+    "anthropic": ("ANTHROPIC_API_KEY",),
+    "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
+    "deepseek": ("DEEPSEEK_API_KEY",),
+    "mistral": ("MISTRAL_API_KEY",),
+    "groq": ("GROQ_API_KEY",),
+    "openrouter": ("OPENROUTER_API_KEY",),
+    "xai": ("XAI_API_KEY",),
+    "moonshot": ("MOONSHOT_API_KEY",),
+    "zai": ("ZAI_API_KEY",),
+    "minimax": ("MINIMAX_API_KEY",),
+    "dashscope": ("DASHSCOPE_API_KEY",),
+    "together_ai": ("TOGETHERAI_API_KEY", "TOGETHER_API_KEY"),
+    "fireworks_ai": ("FIREWORKS_API_KEY", "FIREWORKS_AI_API_KEY"),
+    "cohere": ("COHERE_API_KEY",),
+    "cerebras": ("CEREBRAS_API_KEY",),
+    "perplexity": ("PERPLEXITYAI_API_KEY", "PERPLEXITY_API_KEY"),
+}
+
+
+def vendor_key(model: ResolvedModel, environ: Mapping[str, str] | None = None) -> None:
+    """A bare litellm model id needs its vendor's variable; a missing one names it."""
+    if model.api != "litellm":
+        return
+    env = os.environ if environ is None else environ
+    entry = catalog.lookup(model.litellm_model)
+    vendor = str(entry.get("litellm_provider", "")) if entry else ""
+    vendor = vendor or model.litellm_model.split("/", 1)[0]
+    names = VENDOR_KEYS.get(vendor)
+    if names and not any(env.get(n) for n in names):
+        raise ConfigError(
+            f"models.{model.name}: {model.litellm_model!r} is a {vendor} model and "
+            f"{names[0]} is not set; export {names[0]}=… or route it through a provider"
+        )
+
+
+_SHELL_WORDS = {
+    "if",
+    "for",
+    "while",
+    "until",
+    "case",
+    "{",
+    "(",
+    "!",
+    "[[",
+    "time",
+    "exec",
+    "cd",
+    "export",
+    "test",
+    "[",
+    "true",
+    "false",
+    "set",
+    "source",
+    ".",
+    "eval",
+}
+
+
+def program_of(command: str) -> str | None:
+    """The program a check command starts, when that is plain to see (else None)."""
+    try:
+        words = shlex.split(command, comments=True)
+    except ValueError:
+        return None
+    while words and "=" in words[0] and not words[0].startswith("="):
+        words = words[1:]  # FOO=1 cmd …
+    if not words or words[0] in _SHELL_WORDS or words[0].startswith(("$", "`")):
+        return None
+    return words[0]
+
+
+def missing_programs(commands: list[str], has_file: Callable[[str], bool]) -> list[str]:
+    """Check programs that are neither on PATH nor (for ./paths) files of the repository."""
+    missing = []
+    for command in commands:
+        program = program_of(command)
+        if program is None:
+            continue
+        if "/" in program:
+            if not os.path.isabs(program) and has_file(os.path.normpath(program)):
+                continue
+            if os.path.isabs(program) and os.access(program, os.X_OK):
+                continue
+            missing.append(program)
+        elif shutil.which(program, path=sandbox_env().get("PATH")) is None:
+            missing.append(program)
+    return missing
+
+
+def _worst_first_call(model: ResolvedModel) -> float:
+    return (
+        PROMPT_ALLOWANCE_TOKENS * model.input_per_token
+        + model.max_output_tokens * model.output_per_token
+    )
+
+
+def affordable(loaded: LoadedConfig, slots: list[str], budget_usd: float | None) -> None:
+    """The budget must cover the planner, one builder's first turn and one review round."""
+    if budget_usd is None:
+        return
+    stages = loaded.config.stages
+    planner = _worst_first_call(loaded.model(stages.planner.model))
+    builder = max(_worst_first_call(loaded.model(m)) for m in slots)
+    reviews = sum(_worst_first_call(loaded.model(r.model)) for r in stages.reviewers)
+    need = planner + builder + reviews
+    if need > budget_usd:
+        raise BudgetExceeded(
+            f"budget ${budget_usd:.2f} cannot afford one pass at the worst case: planner "
+            f"${planner:.2f} + a builder's first turn ${builder:.2f} + one review round "
+            f"${reviews:.2f} = ${need:.2f}; raise --budget (or budget.per_run_usd) to at least "
+            f"{need:.2f}, or lower max_output_tokens"
+        )
+
+
+def used_models(loaded: LoadedConfig, slots: list[str]) -> list[str]:
+    """Every model a run may call: its stages' models and their fallbacks."""
+    stages = loaded.config.stages
+    names = {stages.planner.model, *slots, *(r.model for r in stages.reviewers)}
+    for chain in loaded.fallback_chains().values():
+        names.update(chain)
+    return sorted(names)
+
+
+def preflight(
+    spec: Spec,
+    loaded: LoadedConfig,
+    repo: Repo,
+    *,
+    builders: int | None = None,
+    budget_usd: float | None = None,
+) -> str:
+    """Everything that can be wrong before money is spent; returns the base commit."""
+    try:
+        base_sha = repo.resolve(spec.base or "HEAD")
+    except WorkspaceError as err:
+        raise WorkspaceError(
+            f"{spec.path}: base: {err}; set `base:` to a branch, tag or commit of the repository"
+        ) from None
+    missing = missing_programs(spec.checks, lambda path: repo.has_file(base_sha, path))
+    if missing:
+        raise WorkspaceError(
+            f"{spec.path}: checks: {missing[0]!r} is not installed (not on "
+            "PATH, nor a file of the repository); install it or fix the command"
+        )
+    if repo.branch_exists(spec.branch):
+        raise WorkspaceError(
+            f"{spec.path}: branch {spec.branch!r} already exists in {repo.root}; "
+            "set `branch:` in the spec's front matter or delete the branch"
+        )
+    slots = loaded.builder_slots(builders or spec.builders)
+    for name in used_models(loaded, slots):
+        model = loaded.model(name)
+        resolve_api_key(model)
+        vendor_key(model)
+        if model.scripted and model.script is not None:
+            from orchestrator.llm.scripted import ScriptedModel
+
+            ScriptedModel(name, model.script)  # a missing or broken script fails here, not mid-run
+    limit = budget_usd if budget_usd is not None else loaded.config.budget.per_run_usd
+    affordable(loaded, slots, limit)
+    return base_sha
