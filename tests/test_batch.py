@@ -80,14 +80,16 @@ def test_budget_exhaustion_skips_new_specs_and_says_why(tmp_path: Path) -> None:
     assert "batch budget exhausted" in result.report.read_text()
 
 
-def test_per_spec_cap_leaves_the_run_with_what_it_has(tmp_path: Path) -> None:
+def test_per_spec_cap_too_small_for_one_review_round_is_refused_before_spending(
+    tmp_path: Path,
+) -> None:
     demo = prepare_demo(tmp_path)
-    # Enough for the planner and the builders (flat-rate), not for a reviewer's worst case.
+    # Enough for the planner and the builders (flat-rate), not for a reviewer's worst case:
+    # the preflight refuses it (it used to run and silently skip every review).
     result = batch(demo, specs(demo, 1), per_spec_usd=0.025)
-    assert result.items[0].status == "applied"  # checks pass; reviews were refused, not crashed
-    run_dir = demo.repo / ".flow" / "runs" / str(result.items[0].run_id)
-    assert result.cost_usd <= 0.025
-    assert "budget" in (run_dir / "report.md").read_text().lower()
+    assert result.items[0].status == "failed"
+    assert "cannot afford one pass" in (result.items[0].reason or "")
+    assert result.cost_usd == 0
 
 
 def test_until_parsing() -> None:
