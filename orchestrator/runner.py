@@ -202,6 +202,8 @@ async def _run(
     run_dir = fdir / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     store = Store(fdir / "ledger.sqlite")
+    if shared.batch_id is None:  # a batch sweeps once for all its runs
+        await asyncio.to_thread(sweep_dead_runs, repo, store)
     ledger = Ledger(fdir / "ledger.sqlite")
     redact = Redactor(secret_values(loaded) + environment_secrets(os.environ))
     sink = RedactingSink(events, redact)

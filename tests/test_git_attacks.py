@@ -154,3 +154,54 @@ def test_an_armed_builder_changes_nothing_through_flow_run(
     assert ".gitattributes" in tree.splitlines()
     stats = git(demo.repo, "show", f"{demo.branch}:stats.py")
     assert "def median" in stats
+
+
+def test_flow_run_sweeps_the_checkouts_of_dead_runs(tmp_path: Path) -> None:
+    """Issue 8, item 13: a run whose process died leaves its checkouts; the next `flow run`
+    (not only a batch) removes them."""
+    import time
+
+    from orchestrator.store import RunRecord, Store
+    from orchestrator.workspace import Repo as Repository
+
+    demo = prepare_demo(tmp_path)
+    cache = tmp_path / "cache"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (demo.repo / ".flow").mkdir()
+    git(demo.repo, "config", "core.excludesFile", "/dev/null")
+    (demo.repo / ".git" / "info" / "exclude").write_text(".flow/\n")
+    store = Store(demo.repo / ".flow" / "ledger.sqlite")
+    store.start_run(
+        RunRecord(
+            run_id="20260101-000000-dead00",
+            spec_path=str(demo.spec),
+            spec_digest="x",
+            title="t",
+            branch="flow/t",
+            status="running",
+            started=time.time(),
+            pid=dead.pid,
+        )
+    )
+    store.close()
+    import os
+
+    os.environ["FLOW_CACHE_DIR"] = str(cache)
+    try:
+        left = worktree_dir(Repository.open(demo.repo), "20260101-000000-dead00") / "build-0"
+    finally:
+        del os.environ["FLOW_CACHE_DIR"]
+    left.mkdir(parents=True)
+    (left / "file").write_text("left behind\n")
+    out = flow_in(
+        demo.repo,
+        "run",
+        str(demo.spec),
+        "--config",
+        str(demo.config),
+        "--json",
+        env={"FLOW_CACHE_DIR": str(cache)},
+    )
+    assert out.returncode == 0, out.stderr
+    assert not left.exists()
