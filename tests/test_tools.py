@@ -132,9 +132,40 @@ async def test_binary_and_non_utf8_files(tree: Path) -> None:
     assert found.splitlines() == ["latin.txt:1: x = caf\ufffd", "pkg/a.py:1: x = 1"]
 
 
-async def test_reads_are_capped(tree: Path) -> None:
-    (tree / "big.txt").write_text("a" * (MAX_READ_BYTES + 10))
-    assert len(await tools(tree).dispatch(call("read_file", path="big.txt"))) == MAX_READ_BYTES
+async def test_long_reads_page_and_say_where_they_were_cut(tree: Path) -> None:
+    """Issue 8, item 12: a read cut silently at 200 kB made read-modify-write truncate files."""
+    line = "0123456789abcdef" * 4 + "\n"
+    text = line * (3 * MAX_READ_BYTES // len(line) + 7)
+    (tree / "big.txt").write_text(text)
+    t = tools(tree)
+    pages, offset = [], 0
+    while True:
+        page = await t.dispatch(call("read_file", path="big.txt", offset=offset))
+        body, sep, note = page.partition("\n[… cut: ")
+        pages.append(body)
+        if not sep:
+            break
+        assert len(body) <= MAX_READ_BYTES and "edit_file" in note
+        offset = int(note.split("offset=")[1].split(")")[0])
+    assert len(pages) == 4
+    assert "".join(pages) == text  # every byte, once, in order, on whole lines
+    with pytest.raises(ToolError, match="offset must be"):
+        await t.dispatch(call("read_file", path="big.txt", offset=-1))
+
+
+async def test_a_malformed_tool_call_goes_back_to_the_model(tree: Path) -> None:
+    """Issue 8, item 12: `content: null` (or any wrong type) is the model's error to fix; it
+    must not end the builder."""
+    t = tools(tree)
+    for args in ({"path": "n.txt", "content": None}, {"path": "n.txt", "content": 7}):
+        with pytest.raises(ToolError, match="write_file failed"):
+            await t.dispatch(call("write_file", **args))
+    with pytest.raises(ToolError):
+        await t.dispatch(call("edit_file", path="pkg/a.py", old=None, new="x"))
+    with pytest.raises(ToolError):
+        await t.dispatch(call("read_file", path=["pkg/a.py"]))
+    assert not (tree / "n.txt").exists()
+    assert await t.dispatch(call("read_file", path="pkg/a.py")) == "x = 1\ny = 2\n"
 
 
 async def test_run_has_its_own_git_global_config(tree: Path) -> None:

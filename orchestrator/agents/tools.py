@@ -50,8 +50,11 @@ _S = {"type": "string"}
 TOOL_SPECS = [
     ToolSpec(
         name="read_file",
-        description="Read a text file of the repository.",
-        parameters=_schema({"path": _S}, ["path"]),
+        description=(
+            "Read a text file of the repository; long files come in pages: pass `offset` "
+            "(a byte offset, as the previous page's last line says) to read on."
+        ),
+        parameters=_schema({"path": _S, "offset": {"type": "integer", "minimum": 0}}, ["path"]),
     ),
     ToolSpec(
         name="list_files",
@@ -132,16 +135,31 @@ class Tools:
             raise ToolError(f"arguments are not a valid JSON object: {err}") from None
         try:
             return await handler(**args)
+        except (Submitted, ToolError):
+            raise
         except TypeError as err:
             raise ToolError(f"bad arguments for {call.name}: {err}") from None
         except OSError as err:  # e.g. a symlink loop, a full disk: the model may try otherwise
             raise ToolError(f"{call.name} failed: {err.strerror or err}") from None
+        except Exception as err:  # e.g. `content: null`: the model's mistake, never the run's
+            raise ToolError(f"{call.name} failed: {type(err).__name__}: {err}") from None
 
-    async def read_file(self, path: str) -> str:
-        data = _read_regular(self.resolve(path), path, MAX_READ_BYTES)
+    async def read_file(self, path: str, offset: int = 0) -> str:
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise ToolError("offset must be a non-negative integer (a byte offset)")
+        data = _read_regular(self.resolve(path), path, offset + MAX_READ_BYTES + 1)
         if b"\x00" in data:
             raise ToolError(f"{path}: binary file")
-        return data.decode("utf-8", errors="replace")
+        page = data[offset : offset + MAX_READ_BYTES]
+        if len(data) <= offset + MAX_READ_BYTES:
+            return page.decode("utf-8", errors="replace")
+        # Cut at a line end, so the next page starts on a whole line and no character splits.
+        end = page.rfind(b"\n") + 1 or len(page)
+        nxt = offset + end
+        return page[:end].decode("utf-8", errors="replace") + (
+            f"\n[… cut: the file goes on past byte {nxt}; read_file(path, offset={nxt}) "
+            "reads on. Do not rewrite this file whole from this page: use edit_file]"
+        )
 
     async def list_files(self, path: str = ".") -> str:
         base = self.resolve(path)
