@@ -226,16 +226,20 @@ async def run_shell(
     env: dict[str, str] | None = None,
     isolate_network: bool = False,
     isolate_user: bool = False,
+    confine: list[str] | None = None,
 ) -> CommandResult:
     """Run `command` with /bin/sh in `cwd`; the whole process group dies when it ends.
 
     `isolate_network` runs it in a new network namespace where this machine allows one
     (see `network_isolation`), silently without where not. Builders' commands ask for it;
     the spec's checks ask for `isolate_user` instead: the user's own commands, with the
-    network, but unable to read flow's environment (API keys) or memory.
+    network, but unable to read flow's environment (API keys) or memory. `confine` is a
+    prefix from `sandbox.confined` (bubblewrap), which then replaces both.
     """
     started = time.monotonic()
-    if isolate_network:
+    if confine is not None:
+        isolation = None
+    elif isolate_network:
         isolation = await asyncio.to_thread(network_isolation)
     elif isolate_user:
         isolation = await asyncio.to_thread(user_isolation)
@@ -246,7 +250,11 @@ async def run_shell(
     spawn = asyncio.ensure_future(
         asyncio.get_running_loop().subprocess_exec(
             lambda: proto,
-            *_argv(command, isolation, loopback=isolate_network),
+            *(
+                [*confine, "/bin/sh", "-c", command]
+                if confine is not None
+                else _argv(command, isolation, loopback=isolate_network)
+            ),
             cwd=cwd,
             env=sandbox_env() if env is None else env,
             stdin=subprocess.DEVNULL,

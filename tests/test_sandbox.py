@@ -223,8 +223,17 @@ async def test_run_sees_no_secret_variables(box: Box, monkeypatch: pytest.Monkey
 @needs_netns
 async def test_run_cannot_read_flows_environment_through_proc(box: Box) -> None:
     assert "--map-root-user" in (network_isolation() or "")
-    out = await box.run(f"tr '\\0' '\\n' < /proc/{os.getpid()}/environ; cat /proc/$PPID/environ")
-    assert "PATH=" not in out and "Permission denied" in out
+    os.environ["FLOW_ONLY_MARKER"] = "flow-process-environment"
+    try:
+        out = await box.run(
+            f"tr '\\0' '\\n' < /proc/{os.getpid()}/environ; cat /proc/$PPID/environ"
+        )
+    finally:
+        del os.environ["FLOW_ONLY_MARKER"]
+    # under bubblewrap flow's process is not in the sandbox's pid namespace at all, and the
+    # parent it sees is the sandbox's own init, with the sandbox's scrubbed environment
+    assert "flow-process-environment" not in out
+    assert "Permission denied" in out or "No such file" in out
 
 
 @needs_netns
@@ -256,18 +265,76 @@ async def test_run_cannot_change_the_users_git_config_or_repository(box: Box) ->
     assert not box.repo.branch_exists("pushed")
 
 
+def _running(marker: str) -> list[int]:
+    """Host pids of processes whose command line holds `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in cmdline and state not in ("Z", "X"):
+            found.append(int(entry.name))
+    return found
+
+
 async def test_the_timeout_kills_the_whole_process_group(box: Box) -> None:
     tools = Tools(box.wt, command_timeout_s=1, output_cap=1000)
     command = (
-        "sh -c 'trap \"\" TERM; echo $$ > child.pid; exec sleep 1000' & "
-        "sh -c 'sleep 1000' & echo $! > other.pid; "
+        "sh -c 'trap \"\" TERM; echo $$ > child.pid; exec sleep 1001' & "
+        "sh -c 'sleep 1002' & echo $! > other.pid; "
         "while [ ! -s child.pid ]; do :; done; echo ready; wait"
     )
     out = await tools.run(command)
     assert out.startswith("[timed out]") and "ready" in out
-    for pid_file in ("child.pid", "other.pid"):
-        pid = int((box.wt / pid_file).read_text())
-        assert await asyncio.to_thread(gone, pid), f"{pid_file} survived the timeout"
+    for marker in ("sleep 1001", "sleep 1002"):
+        assert await asyncio.to_thread(_ends, marker), f"{marker} survived the timeout"
+
+
+async def test_processes_a_command_started_do_not_outlive_it(box: Box) -> None:
+    """Issue 8, item 2: `setsid sleep 333 &` (a daemon) survived its command."""
+    out = await box.run("setsid sleep 3331 & (setsid nohup sleep 3332 >/dev/null 2>&1 &); echo up")
+    assert out.startswith("[exit code 0]")
+    for marker in ("sleep 3331", "sleep 3332"):
+        assert await asyncio.to_thread(_ends, marker), f"{marker} outlived its command"
+
+
+def _ends(marker: str, within: float = 5.0) -> bool:
+    """Whether every process holding `marker` ends within `within` s (waited on pidfds)."""
+    for pid in _running(marker):
+        if not gone(pid, within):
+            return False
+    return not _running(marker)
+
+
+async def test_run_cannot_write_outside_its_checkout_or_see_secrets(
+    box: Box, tmp_path: Path
+) -> None:
+    """Issue 8, item 2: `cd ~/project && git reset --hard`, editing the user's virtualenv,
+    reading ~/.ssh: the file system outside the checkout is read-only or absent."""
+    venv = Path(os.path.expanduser("~")) / "venv-of-the-user"
+    venv.mkdir()
+    (venv / "site.py").write_text("ok = True\n")
+    ssh = Path(os.path.expanduser("~")) / ".ssh"
+    ssh.mkdir()
+    (ssh / "id_rsa").write_text("PRIVATE KEY\n")
+    user = box.user_state()
+    out = await box.run(
+        f"(cd {shlex.quote(str(box.repo.root))} && git reset --hard HEAD~0; touch pwned); "
+        f"echo hacked > {shlex.quote(str(venv / 'site.py'))}; "
+        f"cat {shlex.quote(str(ssh / 'id_rsa'))}; ls {shlex.quote(str(box.repo.root))}; "
+        "echo fine > inside.txt; echo tmp > /tmp/t && cat /tmp/t"
+    )
+    assert "PRIVATE KEY" not in out, out
+    assert (box.wt / "inside.txt").exists(), out
+    assert (venv / "site.py").read_text() == "ok = True\n"
+    assert not (box.repo.root / "pwned").exists()
+    assert box.user_state() == user
+    assert (box.wt / "inside.txt").read_text() == "fine\n"  # its own checkout is writable
+    assert "tmp" in out.splitlines()  # and a private /tmp
 
 
 def gone(pid: int, within: float = 5.0) -> bool:

@@ -9,6 +9,7 @@ scrubbed environment: it can touch whatever files the user running flow can.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -18,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from orchestrator import sandbox
 from orchestrator.llm.messages import ToolCall, ToolSpec
 from orchestrator.proc import run_shell, sandbox_env
 
@@ -224,6 +226,9 @@ class Tools:
     async def run(self, command: str) -> str:
         # `git config --global/--system` writes to the clone, not to the user's own config.
         own = str(self.root / ".git" / "flow-user.gitconfig")
+        confine = None
+        if await asyncio.to_thread(sandbox.bwrap) is not None:
+            confine = sandbox.confined(self.root, sandbox.borrowed_objects(self.root))
         result = await run_shell(
             command,
             self.root,
@@ -231,6 +236,7 @@ class Tools:
             output_cap=self.output_cap,
             env=sandbox_env({"GIT_CONFIG_GLOBAL": own, "GIT_CONFIG_SYSTEM": own}),
             isolate_network=True,
+            confine=confine,
         )
         status = "timed out" if result.timed_out else f"exit code {result.exit_code}"
         return f"[{status}]\n{result.output}"
