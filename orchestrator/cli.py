@@ -238,6 +238,9 @@ def validate(
         f"ok  {loaded.path or 'config'}: {len(loaded.models)} models, "
         f"{len(loaded.config.stages.reviewers)} reviewers"
     )
+    from orchestrator import sandbox
+
+    typer.echo(("ok  " if sandbox.bwrap() else "warn ") + sandbox.describe())
 
 
 @app.command()

@@ -133,6 +133,8 @@ class Config(_Strict):
     """Named stage assignments, applied by `--profile` (see layers.py)."""
     agents: dict[str, AgentSettings] = Field(default_factory=dict)
     """Per agent CLI: command, expected version, extra arguments, time limit."""
+    sandbox: Literal["auto", "required"] = "auto"
+    """`required`: refuse to run where bubblewrap cannot confine builder commands."""
 
     @model_validator(mode="after")
     def _references(self) -> Config:

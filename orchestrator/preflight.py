@@ -175,6 +175,14 @@ def preflight(
             f"{spec.path}: branch {spec.branch!r} already exists in {repo.root}; "
             "set `branch:` in the spec's front matter or delete the branch"
         )
+    if loaded.config.sandbox == "required":
+        from orchestrator import sandbox
+
+        if sandbox.bwrap() is None:
+            raise ConfigError(
+                f"{loaded.path or 'agents.yaml'}: sandbox: required, but bubblewrap cannot run "
+                "here; install it (apt-get install bubblewrap) or set `sandbox: auto`"
+            )
     slots = loaded.builder_slots(builders or spec.builders)
     for name in used_models(loaded, slots):
         model = loaded.model(name)

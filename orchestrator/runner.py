@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from orchestrator.config import LoadedConfig, secret_values
 from orchestrator.context import Context
 from orchestrator.errors import WorkspaceError
-from orchestrator.events import Event, RunFinished, RunStarted
+from orchestrator.events import Event, Notice, RunFinished, RunStarted
 from orchestrator.layers import ConfigSource
 from orchestrator.preflight import preflight
 from orchestrator.protocols import EventSink
@@ -268,6 +268,10 @@ async def _run(
             reviewers=[r.model for r in loaded.config.stages.reviewers],
         )
     )
+    from orchestrator import sandbox
+
+    if await asyncio.to_thread(sandbox.bwrap) is None:  # said plainly, in the run's first lines
+        sink.emit(Notice(run_id=run_id, level="warning", message=sandbox.describe()))
     state_in: RunState | None = (
         None
         if resuming

@@ -63,7 +63,11 @@ def config(base_url: str, concurrency: int = 4, price: float = 0.0) -> Any:
 
 
 def checkout(tmp: Path) -> tuple[Path, str]:
-    repo = tmp / "checkout"
+    """A builder's checkout as flow makes one: a clone of a user's repository (with flow's
+    own git directory beside it, which is how flow reads the candidate back)."""
+    from orchestrator.workspace import Repo
+
+    repo = tmp / "user"
     repo.mkdir(parents=True)
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "init", "-q"], check=True)
@@ -71,7 +75,8 @@ def checkout(tmp: Path) -> tuple[Path, str]:
     subprocess.run([*git, "add", "-A"], check=True)
     subprocess.run([*git, "commit", "-qm", "base"], check=True)
     sha = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True)
-    return repo, sha.stdout.strip()
+    base = sha.stdout.strip()
+    return Repo.open(repo).add_worktree(tmp / "checkout", base), base
 
 
 def test_cli_is_installed() -> None:

@@ -391,3 +391,40 @@ async def test_checks_keep_the_network_but_cannot_read_flows_environment(tmp_pat
         server.close()
         holder.kill()
         holder.wait()
+
+
+def test_sandbox_required_refuses_to_run_without_bubblewrap(tmp_path: Path) -> None:
+    """Issue 8, item 2: where bubblewrap is missing, `sandbox: required` refuses (exit 2) and
+    validate says plainly what is and is not confined; with it, validate says it is used."""
+    import shutil
+    import subprocess
+
+    from orchestrator.demo import prepare_demo
+
+    demo = prepare_demo(tmp_path)
+    demo.config.write_text(demo.config.read_text() + "sandbox: required\n")
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    for tool in ("git", "python3", "sh"):
+        found = shutil.which(tool)
+        assert found is not None
+        (bare / tool).symlink_to(found)
+
+    def validate(path: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "orchestrator", "validate", str(demo.spec)]
+        return subprocess.run(
+            [*argv, "--config", str(demo.config)],
+            cwd=demo.repo,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PATH": path},
+            timeout=60,
+        )
+
+    without = validate(str(bare))
+    assert without.returncode == 2, without.stdout + without.stderr
+    assert "sandbox: required" in without.stderr and "bubblewrap" in without.stderr
+    assert "Traceback" not in without.stderr
+    with_it = validate(os.environ["PATH"])
+    assert with_it.returncode == 0, with_it.stderr
+    assert "under bubblewrap" in with_it.stdout
