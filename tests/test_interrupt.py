@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,23 @@ from conftest import git, repo_state
 from orchestrator.demo import prepare_demo
 
 DEMO = Path(__file__).resolve().parent.parent / "orchestrator" / "demo"
+
+
+def _wait_for(marker: str, proc: subprocess.Popen[str], within: float = 60.0) -> int:
+    """The host pid of the process whose command line is `marker`, once it runs."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and proc.poll() is None:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").strip()
+            except OSError:
+                continue
+            if cmdline == marker.encode():
+                return int(entry.name)
+        time.sleep(0.05)  # polling /proc for the condition, with a deadline
+    raise AssertionError(f"{marker!r} never started")
 
 
 def pid_alive(pid: int) -> bool:
@@ -30,11 +51,14 @@ def pid_alive(pid: int) -> bool:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_then_resume(tmp_path: Path, sig: signal.Signals) -> None:
     demo = prepare_demo(tmp_path)
-    mark, fifo = tmp_path / "blocked.mark", tmp_path / "child.fifo"
-    os.mkfifo(fifo)
-    # The good builder's first command blocks (once) until the interrupt arrives; it tells the
-    # test its pid through a FIFO, which is also how the test knows it is running.
-    block = f"if [ ! -e {mark} ]; then touch {mark}; echo $$ > {fifo}; sleep 120; fi; echo ready"
+    # The good builder's first command blocks until the test releases it (after the interrupt).
+    # Builders are sandboxed (nothing outside their checkout is writable, /tmp is private), so
+    # the release is a file the sandbox can read (/var/tmp is visible read-only), and the test
+    # finds the blocked command on the host by its unique command line.
+    release_dir = Path(tempfile.mkdtemp(prefix="flow-test-", dir="/var/tmp"))
+    release = release_dir / "release"
+    nap = 100_000 + secrets.randbelow(800_000)
+    block = f"[ -e {release} ] || exec sleep {nap}; echo ready"
     good = yaml.safe_load((DEMO / "scripts" / "builder_good.yaml").read_text())["replies"]
     script = tmp_path / "blocking.yaml"
     script.write_text(
@@ -64,9 +88,7 @@ def test_interrupt_then_resume(tmp_path: Path, sig: signal.Signals) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    with open(fifo) as pipe:  # blocks until the builder's command is running
-        child_pid = pipe.read().strip()
-    child = int(child_pid)
+    child = _wait_for(f"sleep {nap}", proc)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     run_id = json.loads(out.splitlines()[0])["run_id"]
@@ -90,6 +112,7 @@ def test_interrupt_then_resume(tmp_path: Path, sig: signal.Signals) -> None:
     )
     runs = [json.loads(x) for x in status.stdout.splitlines()]
     assert [r["live"] for r in runs if r["run_id"] == run_id] == ["interrupted"]
+    release.write_text("")
 
     resumed = subprocess.run(
         [sys.executable, "-m", "orchestrator", "resume", run_id, "--json"],
@@ -109,3 +132,4 @@ def test_interrupt_then_resume(tmp_path: Path, sig: signal.Signals) -> None:
     ).fetchone()[0]
     db.close()
     assert paid_before > 0 and replayed > 0 and dupes == 0
+    shutil.rmtree(release_dir)
