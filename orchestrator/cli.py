@@ -240,7 +240,7 @@ def validate(
     )
     from orchestrator import sandbox
 
-    typer.echo(("ok  " if sandbox.bwrap() else "warn ") + sandbox.describe())
+    typer.echo(("sandbox: " if sandbox.bwrap() else "warning: ") + sandbox.describe())
 
 
 @app.command()
