@@ -135,6 +135,9 @@ class Config(_Strict):
     """Per agent CLI: command, expected version, extra arguments, time limit."""
     sandbox: Literal["auto", "required"] = "auto"
     """`required`: refuse to run where bubblewrap cannot confine builder commands."""
+    reviews: Literal["required", "optional"] = "required"
+    """`required`: with reviewers configured, a candidate no review completed for (all failed,
+    refused by the budget) is not applied; `optional`: the checks alone may decide."""
 
     @model_validator(mode="after")
     def _references(self) -> Config:

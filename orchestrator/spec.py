@@ -7,7 +7,7 @@ import hashlib
 import re
 import unicodedata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -80,6 +80,8 @@ class Spec(BaseModel):
     """Overrides the configured builder count."""
     models: dict[str, Any] | None = None
     """Per-stage model overrides (`planner`, `builders`, `reviewers`), a config layer."""
+    reviews: Literal["required", "optional"] | None = None
+    """Overrides agents.yaml `reviews:`: whether a candidate needs a completed review."""
     requirements: list[Requirement]
     digest: str
     """sha256 of the raw bytes of every file read, so a resumed run can tell the spec changed."""
@@ -98,6 +100,7 @@ class FrontMatter(BaseModel):
     """Defaults to flow/<slug of title>."""
     builders: int | None = Field(default=None, ge=1, le=32, strict=True)
     models: dict[str, Any] | None = None
+    reviews: Literal["required", "optional"] | None = None
 
     @field_validator("checks", mode="before")
     @classmethod
@@ -435,6 +438,7 @@ def _make_spec(
         branch=front.branch or f"flow/{slug}",
         builders=front.builders,
         models=front.models,
+        reviews=front.reviews,
         requirements=requirements,
         digest=digest,
     )

@@ -72,7 +72,9 @@ def test_budget_exhaustion_skips_new_specs_and_says_why(tmp_path: Path) -> None:
     budget = _min_call_cost(load_config(demo.config)) + 0.0005
     result = batch(demo, specs(demo, 3), budget_usd=budget, parallel=1)
     statuses = [i.status for i in result.items]
-    assert statuses[0] == "applied"
+    # The first spec runs; whether its reviews fit what is left decides applied or not
+    # (a candidate without a completed review is not applied), never a skip.
+    assert statuses[0] in ("applied", "nothing")
     assert "skipped" in statuses[1:]
     reasons = [i.reason or "" for i in result.items if i.status == "skipped"]
     assert all("budget" in r for r in reasons)

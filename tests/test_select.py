@@ -100,3 +100,24 @@ def test_unfinished_builder_is_never_applied() -> None:
     assert any("#0" in e and "did not finish" in e for e in sel.explanation)
     sel = choose([half], [], [], has_checks=False)
     assert sel.winner is None
+
+
+def test_a_candidate_without_a_completed_review_needs_reviews_optional() -> None:
+    """Issue 8.10: every review failed; with reviews required nothing is applied."""
+    failed = [review(0, 0, error="HTTP 500"), review(1, 0, error="HTTP 500")]
+    sel = choose(
+        [cand(0), cand(1)],
+        [checks(0, True), checks(1, True)],
+        failed,
+        has_checks=True,
+        needs_review=True,
+    )
+    assert sel.winner is None
+    assert all("no completed review (reviews failed" in e for e in sel.explanation)
+    sel = choose([cand(0)], [checks(0, True)], [], has_checks=True, needs_review=True)
+    assert sel.winner is None and "no review was made" in sel.explanation[0]
+    partly = [review(0, 0, error="HTTP 500"), review(1, 6)]
+    sel = choose([cand(0), cand(1)], [], partly, has_checks=False, needs_review=True)
+    assert sel.winner == 1 and sel.ranking == [1]
+    sel = choose([cand(0)], [checks(0, True)], failed, has_checks=True, needs_review=False)
+    assert sel.winner == 0

@@ -18,11 +18,13 @@ def choose(
     reviews: list[Review],
     *,
     has_checks: bool,
+    needs_review: bool = False,
 ) -> Selection:
     """Checks first, then the mean review score, then the smaller diff, then builder order.
 
     A candidate is acceptable when it has a diff, its builder finished, its checks pass (if
-    the spec has any), and not every completed review rejected it.
+    the spec has any), at least one review completed (when `needs_review`), and not every
+    completed review rejected it.
     """
     passed = {c.candidate: c.passed for c in checks}
     done = [r for r in reviews if r.error is None]
@@ -38,6 +40,16 @@ def choose(
             explanation.append(f"{label}: builder did not finish ({c.error})")
         elif has_checks and not passed.get(c.index, False):
             explanation.append(f"{label}: checks failed")
+        elif needs_review and not mine:
+            why = (
+                "reviews failed or were not made"
+                if any(r.candidate == c.index for r in reviews)
+                else "no review was made"
+            )
+            explanation.append(
+                f"{label}: no completed review ({why}); set `reviews: optional` to let the "
+                "checks alone decide"
+            )
         elif mine and all(r.verdict == "reject" for r in mine):
             explanation.append(f"{label}: rejected by every reviewer")
         else:
@@ -60,6 +72,13 @@ def choose(
     return Selection(winner=winner, ranking=[c.index for c in ranking], explanation=explanation)
 
 
+def needs_review(ctx: Context) -> bool:
+    """Reviews are required when reviewers are configured, unless the spec or the config
+    says `reviews: optional`."""
+    setting = ctx.spec.reviews or ctx.config.config.reviews
+    return setting == "required" and bool(ctx.config.config.stages.reviewers)
+
+
 async def select(state: RunState, runtime: Runtime[Context]) -> dict[str, object]:
     ctx = runtime.context
     ctx.events.emit(StageStarted(run_id=ctx.run_id, stage="select"))
@@ -68,6 +87,7 @@ async def select(state: RunState, runtime: Runtime[Context]) -> dict[str, object
         state.get("checks", []),
         state.get("reviews", []),
         has_checks=bool(ctx.spec.checks),
+        needs_review=needs_review(ctx),
     )
     ctx.events.emit(
         Selected(run_id=ctx.run_id, winner=selection.winner, explanation=selection.explanation)
