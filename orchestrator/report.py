@@ -61,6 +61,9 @@ def _candidate_section(
     )
     if c.summary:
         lines.append(f"- builder's summary: {md(c.summary.strip())}")
+    if c.protected:
+        paths = ", ".join(md(p) for p in c.protected)
+        lines.append(f"- **changed protected files** (not checked, not committed): {paths}")
     if checks is not None:
         for res in checks.results:
             state = "pass" if res.passed else ("timeout" if res.timed_out else "fail")

@@ -82,6 +82,8 @@ class Spec(BaseModel):
     """Per-stage model overrides (`planner`, `builders`, `reviewers`), a config layer."""
     reviews: Literal["required", "optional"] | None = None
     """Overrides agents.yaml `reviews:`: whether a candidate needs a completed review."""
+    protect: list[str] | None = None
+    """Globs of files a candidate may not change; None: the defaults of evidence/protect.py."""
     requirements: list[Requirement]
     digest: str
     """sha256 of the raw bytes of every file read, so a resumed run can tell the spec changed."""
@@ -101,6 +103,15 @@ class FrontMatter(BaseModel):
     builders: int | None = Field(default=None, ge=1, le=32, strict=True)
     models: dict[str, Any] | None = None
     reviews: Literal["required", "optional"] | None = None
+    protect: list[str] | None = None
+
+    @field_validator("protect")
+    @classmethod
+    def _globs(cls, value: list[str] | None) -> list[str] | None:
+        for i, glob in enumerate(value or [], 1):
+            if not glob.strip() or _has_control(glob):
+                raise ValueError(f"glob {i} is empty or not text; write e.g. tests/** or remove it")
+        return value
 
     @field_validator("checks", mode="before")
     @classmethod
@@ -439,6 +450,7 @@ def _make_spec(
         builders=front.builders,
         models=front.models,
         reviews=front.reviews,
+        protect=front.protect,
         requirements=requirements,
         digest=digest,
     )

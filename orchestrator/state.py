@@ -44,6 +44,8 @@ class Candidate(BaseModel):
     summary: str = ""
     models_used: list[str] = Field(default_factory=list)
     """Every model that answered this builder (more than one after a fallback)."""
+    protected: list[str] = Field(default_factory=list)
+    """Protected files the builder changed; their changes are not part of the candidate."""
 
     @property
     def diff_size(self) -> int:

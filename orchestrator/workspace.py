@@ -232,6 +232,16 @@ class Repo:
         """Whether `path` exists in the tree of commit `sha`."""
         return _ok(self.root, "cat-file", "-e", f"{sha}:{path}")
 
+    def files_at(self, sha: str) -> list[str]:
+        """Every path in the tree of commit `sha`."""
+        out = _run(self.root, ("ls-tree", "-r", "-z", "--name-only", sha, "--"))
+        return [p for p in out.stdout.decode("utf-8", "surrogateescape").split("\0") if p]
+
+    def blob_at(self, sha: str, path: str) -> bytes | None:
+        """The bytes of `path` at commit `sha`, or None where it does not exist."""
+        proc = _run(self.root, ("cat-file", "blob", f"{sha}:{path}"), check=False)
+        return proc.stdout if proc.returncode == 0 else None
+
     def head_label(self) -> str:
         branch = _run(self.root, ("symbolic-ref", "--quiet", "--short", "HEAD"), check=False)
         if branch.returncode == 0:

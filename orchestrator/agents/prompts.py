@@ -95,7 +95,13 @@ def _format_checks(results: list[CheckResult]) -> str:
     return "\n\n".join(parts)
 
 
-def review_request(spec_text: str, plan: Plan, diff: str, checks: list[CheckResult]) -> str:
+def review_request(
+    spec_text: str,
+    plan: Plan,
+    diff: str,
+    checks: list[CheckResult],
+    protected: list[str] | None = None,
+) -> str:
     if len(diff) > MAX_DIFF_CHARS:
         diff = (
             diff[:MAX_DIFF_CHARS]
@@ -104,4 +110,17 @@ def review_request(spec_text: str, plan: Plan, diff: str, checks: list[CheckResu
     return (
         f"# Spec\n\n{spec_text.strip()}\n\n# Plan\n\n{_format_plan(plan)}\n\n"
         f"# Candidate diff\n\n```diff\n{diff}\n```\n\n# Check results\n\n{_format_checks(checks)}\n"
+        + _format_protected(protected or [])
+    )
+
+
+def _format_protected(paths: list[str]) -> str:
+    if not paths:
+        return ""
+    listed = "\n".join(f"- `{p}`" for p in paths)
+    return (
+        "\n# Protected files the builder also changed\n\n"
+        "These changes were dropped: they are not in the diff above, the checks ran without "
+        "them and they will not be committed. Weigh that the builder tried to change what "
+        f"its checks test.\n\n{listed}\n"
     )

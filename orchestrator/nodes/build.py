@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 from langgraph.runtime import Runtime
@@ -16,6 +19,7 @@ from orchestrator.config import AgentSettings
 from orchestrator.context import Context
 from orchestrator.errors import AuthenticationFailed, BudgetExceeded
 from orchestrator.events import BuilderUpdate
+from orchestrator.evidence.protect import protection_for, split_patch
 from orchestrator.state import BuildTask, Candidate
 from orchestrator.workspace import diff_stats, worktree_diff
 
@@ -48,6 +52,7 @@ async def build(task: BuildTask, runtime: Runtime[Context]) -> dict[str, object]
 
     outcome = BuildOutcome()
     notes: list[str] = []
+    dropped: list[str] = []
     update(outcome, "running", "starting")
     error: str | None = None
     patch = b""
@@ -91,6 +96,7 @@ async def build(task: BuildTask, runtime: Runtime[Context]) -> dict[str, object]
                 )
         error = outcome.error
         patch = await asyncio.to_thread(worktree_diff, path, task.base_sha)
+        patch, dropped = await asyncio.to_thread(_unprotected, ctx, task.base_sha, path, patch)
     except AuthenticationFailed:
         raise
     except Exception as err:  # worktree or diff failure: record it, never cancel siblings
@@ -99,8 +105,44 @@ async def build(task: BuildTask, runtime: Runtime[Context]) -> dict[str, object]
         if not ctx.keep_worktrees:
             await asyncio.to_thread(ctx.repo.remove_worktree, path)
     candidate = _candidate(ctx, task, model.family, outcome, error, patch)
+    if dropped:
+        candidate = candidate.model_copy(update={"protected": dropped})
+        notes.append(
+            f"builder #{task.index} ({task.model}) changed protected files; their changes "
+            f"are not part of the candidate: {', '.join(dropped)}"
+        )
     update(outcome, candidate.status, candidate.error or candidate.summary[:60])
     return {"candidates": [candidate], "notes": notes}
+
+
+def _unprotected(
+    ctx: Context, base_sha: str, checkout: Path, patch: bytes
+) -> tuple[bytes, list[str]]:
+    """The candidate's patch without its changes to protected files (evidence/protect.py)."""
+    if not patch:
+        return patch, []
+    guard = protection_for(ctx.spec.checks, ctx.spec.protect, ctx.repo.files_at(base_sha))
+    if not guard.active:
+        return patch, []
+
+    def drop(rel: str) -> bool:
+        return guard.protects(
+            rel, lambda: ctx.repo.blob_at(base_sha, rel), lambda: _read_plain(checkout / rel)
+        )
+
+    return split_patch(patch, drop)
+
+
+def _read_plain(path: Path) -> bytes | None:
+    """A checkout file's bytes, never through a link the builder planted."""
+    if path.is_symlink():
+        return b"symlink -> " + os.fsencode(os.readlink(path))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read(4 << 20) if stat.S_ISREG(os.fstat(fd).st_mode) else None
 
 
 def _cli_builder(

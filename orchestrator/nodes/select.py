@@ -64,9 +64,12 @@ def choose(
         s = score(c)
         checks_word = "checks pass, " if has_checks else ""
         review_word = f"mean review {score_text(s)}" if s is not None else "no reviews"
+        touched = (
+            f"; changed protected files (dropped): {', '.join(c.protected)}" if c.protected else ""
+        )
         explanation.append(
             f"rank {rank}: #{c.index} ({c.model}): {checks_word}{review_word}, "
-            f"{c.diff_size} changed lines"
+            f"{c.diff_size} changed lines{touched}"
         )
     winner = ranking[0].index if ranking else None
     return Selection(winner=winner, ranking=[c.index for c in ranking], explanation=explanation)

@@ -1,0 +1,1 @@
+"""What decides which candidate wins: protected paths, held-out tests, selection."""
