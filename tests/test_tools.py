@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import faulthandler
 import os
+import re
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -171,3 +176,53 @@ async def test_a_malformed_tool_call_goes_back_to_the_model(tree: Path) -> None:
 async def test_run_has_its_own_git_global_config(tree: Path) -> None:
     out = await tools(tree).dispatch(call("run", command='echo "$GIT_CONFIG_GLOBAL"'))
     assert out == f"[exit code 0]\n{tree.resolve() / '.git' / 'flow-user.gitconfig'}\n"
+
+
+CATASTROPHIC = r"(a|aa)+$"
+"""Backtracks exponentially on a run of a's that ends otherwise (`regex` guards `(a+)+$`)."""
+
+
+@pytest.fixture
+def watchdog() -> Iterator[None]:
+    """A search that freezes the loop would hang the test: end the process with a traceback."""
+    faulthandler.dump_traceback_later(60, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+async def test_a_catastrophic_regex_is_a_tool_error_naming_it(tree: Path, watchdog: None) -> None:
+    """Issue 8.12: a regex that backtracks forever comes back as a tool error within its bound."""
+    (tree / "trap.txt").write_text("a" * 40 + "!\n")
+    t = Tools(tree, command_timeout_s=10, output_cap=4000, search_timeout_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(ToolError, match=re.escape(repr(CATASTROPHIC))):
+        await t.dispatch(call("search", pattern=CATASTROPHIC))
+    assert time.monotonic() - started < 10
+    # The one `re` freezes on for ever (3 s at 25 characters, doubling per character) answers.
+    assert await t.dispatch(call("search", pattern=r"(a+)+$")) == "no matches"
+    assert await t.dispatch(call("search", pattern=r"a+!")) == "trap.txt:1: " + "a" * 40 + "!"
+
+
+async def test_the_loop_goes_on_while_a_regex_search_runs(tree: Path, watchdog: None) -> None:
+    """Issue 8.12: every builder and run share one event loop; a search must not stop it."""
+    (tree / "trap.txt").write_text("a" * 40 + "!\n")
+    t = Tools(tree, command_timeout_s=10, output_cap=4000, search_timeout_s=2.0)
+    ticks = 0
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    ticking = asyncio.create_task(ticker())
+    try:
+        with pytest.raises(ToolError, match="stopped after 2 s"):
+            await t.dispatch(call("search", pattern=CATASTROPHIC))
+        seen = ticks  # read before the ticker can run again
+    finally:
+        done.set()
+        await ticking
+    # 2 s of matching at 10 ms a tick: a frozen loop would have let through one at most.
+    assert seen >= 50, seen

@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import stat
 import tempfile
+import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import regex
 
 from orchestrator import sandbox
 from orchestrator.llm.messages import ToolCall, ToolSpec
@@ -30,6 +33,8 @@ MAX_SEARCH_BYTES = 1_000_000
 MAX_PATH_CHARS = 1024
 MAX_LIST = 400
 MAX_MATCHES = 200
+SEARCH_TIMEOUT_S = 10.0
+"""Wall-clock bound on one `search` call, over all its files."""
 
 
 class ToolError(Exception):
@@ -97,8 +102,16 @@ TOOL_SPECS = [
 class Tools:
     """Implements the tool protocol inside `root`; nothing outside it is readable or writable."""
 
-    def __init__(self, root: Path, *, command_timeout_s: float, output_cap: int):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        command_timeout_s: float,
+        output_cap: int,
+        search_timeout_s: float = SEARCH_TIMEOUT_S,
+    ):
         self.root = root.resolve()
+        self.search_timeout_s = search_timeout_s
         self.command_timeout_s = command_timeout_s
         self.output_cap = output_cap
         self._handlers: dict[str, Callable[..., Awaitable[str]]] = {
@@ -180,24 +193,25 @@ class Tools:
 
     async def search(self, pattern: str, path: str = ".") -> str:
         try:
-            regex = re.compile(pattern)
-        except re.error as err:
+            compiled = regex.compile(pattern)
+        except (regex.error, OverflowError, ValueError) as err:
             raise ToolError(f"bad regular expression: {err}") from None
-        hits: list[str] = []
-        for file in _regular_files(self.resolve(path)):
-            rel = file.relative_to(self.root)
-            try:
-                data = _read_regular(file, str(rel), MAX_SEARCH_BYTES)
-            except ToolError:  # vanished or replaced since the walk
-                continue
-            if b"\x00" in data:
-                continue
-            for no, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
-                if regex.search(line):
-                    hits.append(f"{rel}:{no}: {line[:200]}")
-                    if len(hits) >= MAX_MATCHES:
-                        return "\n".join(hits) + "\n[… more matches omitted]"
-        return "\n".join(hits) or "no matches"
+        base = self.resolve(path)
+        stop = threading.Event()
+        try:
+            # Off the event loop, with the GIL released while matching (concurrent=True):
+            # every other builder and run of this process goes on meanwhile.
+            return await asyncio.to_thread(
+                _search, compiled, base, self.root, time.monotonic() + self.search_timeout_s, stop
+            )
+        except TimeoutError:
+            raise ToolError(
+                f"search for {pattern!r} was stopped after {self.search_timeout_s:g} s "
+                "(the pattern backtracks catastrophically, e.g. nested repeats like (a|aa)+); "
+                "use a simpler pattern"
+            ) from None
+        finally:
+            stop.set()  # a cancelled builder's search ends at the next line, not at its time-out
 
     async def write_file(self, path: str, content: str) -> str:
         target = self.resolve(path)
@@ -289,6 +303,34 @@ def _write_regular(target: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _search(
+    compiled: regex.Pattern[str], base: Path, root: Path, deadline: float, stop: threading.Event
+) -> str:
+    """The `search` tool's work, in a worker thread: matching lines as `file:line: text`.
+
+    Every match gets what is left of `deadline` as its time-out (TimeoutError past it), so the
+    whole call is bounded however many files and lines there are.
+    """
+    hits: list[str] = []
+    for file in _regular_files(base):
+        rel = file.relative_to(root)
+        try:
+            data = _read_regular(file, str(rel), MAX_SEARCH_BYTES)
+        except ToolError:  # vanished or replaced since the walk
+            continue
+        if b"\x00" in data:
+            continue
+        for no, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+            left = deadline - time.monotonic()
+            if left <= 0 or stop.is_set():
+                raise TimeoutError
+            if compiled.search(line, timeout=left, concurrent=True):
+                hits.append(f"{rel}:{no}: {line[:200]}")
+                if len(hits) >= MAX_MATCHES:
+                    return "\n".join(hits) + "\n[… more matches omitted]"
+    return "\n".join(hits) or "no matches"
 
 
 def _regular_files(base: Path) -> Iterator[Path]:
