@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from orchestrator.budget import Cap
     from orchestrator.layers import Layers
 
-FINISHED = ("applied", "nothing", "failed", "skipped")
+FINISHED = ("applied", "needs-you", "nothing", "failed", "skipped")
 PROMPT_ALLOWANCE_TOKENS = 8_000
 """Prompt size assumed when deciding whether a new spec can still afford its planner call."""
 
@@ -217,6 +217,7 @@ async def run_batch(
             batch_id=rec.batch_id,
             applied=counts["applied"],
             nothing=counts["nothing"],
+            needs_you=counts["needs-you"],
             failed=counts["failed"],
             skipped=counts["skipped"],
             cost_usd=cost,
@@ -297,6 +298,9 @@ async def _one(
                 reason=f"{type(err).__name__}: {err}"[:300],
             )
             return None
-        reason = None if result.outcome == "applied" else "no acceptable candidate"
+        reason = {
+            "applied": None,
+            "needs-you": f"needs you: see `flow show {run_id}`, settle with `flow pick {run_id} N`",
+        }.get(result.outcome, "no acceptable candidate")
         store.update_item(item.batch_id, item.position, status=result.outcome, reason=reason)
         return None

@@ -84,9 +84,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Turn a written spec into a reviewed commit on a new git branch.",
 )
-config_app = typer.Typer(
-    cls=_Group, help="Inspect the merged configuration.", no_args_is_help=True
-)
+config_app = typer.Typer(cls=_Group, help="Inspect the merged configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
 ConfigOpt = Annotated[
@@ -256,8 +254,9 @@ def init(repo: RepoOpt = None) -> None:
         typer.echo(f"kept  {path.relative_to(root)} (exists; flow init never overwrites)")
     command = detect_test_command(root)
     typer.echo(f"checks: {command}" if command else "checks: none found; add yours to the spec")
-    typer.echo("next: export the key variables agents.yaml names, then "
-               "`flow validate specs/example.md`")
+    typer.echo(
+        "next: export the key variables agents.yaml names, then `flow validate specs/example.md`"
+    )
 
 
 @app.command()
@@ -348,7 +347,9 @@ def batch(
 
 @app.command()
 def resume(
-    run_id: Annotated[str, typer.Argument(help="a run id or a batch id (see `flow status`)")],
+    run_id: Annotated[
+        str, typer.Argument(help="a run or batch id, a unique prefix of one, or `last`")
+    ],
     repo: RepoOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -361,6 +362,7 @@ def resume(
     repository = _repo(repo)
     store = Store(flow_dir(repository) / "ledger.sqlite")
     try:
+        run_id = store.resolve(run_id)
         run_rec, batch_rec = store.run(run_id), store.batch(run_id)
         items = store.items(run_id) if batch_rec else []
     finally:
@@ -427,11 +429,18 @@ def status(
         return
     for table in status_tables(runs, batches, counts):
         Console().print(table)
+    for r in runs:
+        if r.live_status == "needs-you":
+            typer.echo(
+                f"needs you: {r.run_id} ({r.title}): flow show {r.run_id}; flow pick {r.run_id} N"
+            )
 
 
 @app.command()
 def report(
-    run_id: Annotated[str, typer.Argument(help="a run id or a batch id")],
+    run_id: Annotated[
+        str, typer.Argument(help="a run or batch id, a unique prefix of one, or `last`")
+    ],
     repo: RepoOpt = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="print raw markdown")] = False,
 ) -> None:
@@ -445,21 +454,78 @@ def report(
     from orchestrator.store import Store
 
     fdir = flow_dir(_repo(repo))
-    path = fdir / "runs" / run_id / "report.md"
-    if not path.exists():
-        store, ledger = Store(fdir / "ledger.sqlite"), Ledger(fdir / "ledger.sqlite")
-        try:
+    store, ledger = Store(fdir / "ledger.sqlite"), Ledger(fdir / "ledger.sqlite")
+    try:
+        run_id = store.resolve(run_id)
+        path = fdir / "runs" / run_id / "report.md"
+        if not path.exists():
             if store.batch(run_id) is None:
                 raise FlowError(f"no report for {run_id!r} in {fdir}; see `flow status`")
             path = write_batch_report(fdir, run_id, store, ledger)
-        finally:
-            store.close()
-            ledger.close()
+    finally:
+        store.close()
+        ledger.close()
     text = path.read_text(encoding="utf-8")
     if markdown:
         typer.echo(text, nl=False)
     else:
         Console().print(Markdown(text))
+
+
+@app.command()
+def show(
+    run_id: Annotated[str, typer.Argument(help="a run id, a unique prefix of one, or `last`")],
+    candidate: Annotated[
+        int | None, typer.Argument(help="a candidate's number; without it, all of them")
+    ] = None,
+    repo: RepoOpt = None,
+) -> None:
+    """A run's candidates and their evidence, or one candidate's evidence and diff."""
+    from orchestrator.pick import RunView, detail, overview
+    from orchestrator.runner import flow_dir
+    from orchestrator.store import Store
+
+    fdir = flow_dir(_repo(repo))
+    store = Store(fdir / "ledger.sqlite")
+    try:
+        view = RunView(fdir, store.resolve(run_id, batches=False))
+    finally:
+        store.close()
+    typer.echo(
+        overview(view) if candidate is None else detail(view, candidate), nl=candidate is None
+    )
+
+
+@app.command()
+def pick(
+    run_id: Annotated[str, typer.Argument(help="a run id, a unique prefix of one, or `last`")],
+    candidate: Annotated[int, typer.Argument(help="the candidate's number (see `flow show`)")],
+    branch: Annotated[
+        str | None, typer.Option("--branch", help="commit to this new branch (default: the run's)")
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="commit even if its checks failed or its builder did not finish"
+        ),
+    ] = False,
+    repo: RepoOpt = None,
+) -> None:
+    """Commit a run's candidate N to a new branch, as `apply` would have."""
+    from orchestrator.pick import RunView
+    from orchestrator.pick import pick as pick_candidate
+    from orchestrator.runner import flow_dir
+    from orchestrator.store import Store
+
+    repository = _repo(repo)
+    fdir = flow_dir(repository)
+    store = Store(fdir / "ledger.sqlite")
+    try:
+        view = RunView(fdir, store.resolve(run_id, batches=False))
+        target, sha = pick_candidate(repository, store, view, candidate, branch=branch, force=force)
+    finally:
+        store.close()
+    typer.echo(f"committed candidate #{candidate} of run {view.run_id} on {target} ({sha[:12]})")
 
 
 @config_app.command("show")

@@ -78,7 +78,7 @@ class Selected(Event):
 
 class RunFinished(Event):
     kind: Literal["run_finished"] = "run_finished"
-    outcome: Literal["applied", "nothing", "failed"]
+    outcome: Literal["applied", "needs-you", "nothing", "failed"]
     branch: str | None = None
     commit: str | None = None
     cost_usd: float = 0.0
@@ -106,6 +106,7 @@ class BatchFinished(Event):
     batch_id: str
     applied: int
     nothing: int
+    needs_you: int = 0
     failed: int
     skipped: int
     cost_usd: float

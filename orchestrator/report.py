@@ -128,6 +128,14 @@ def render_markdown(
         )
     else:
         lines.append(f"- **outcome: {outcome}** — nothing was applied (intended branch `{branch}`)")
+    run_id = state.get("run_id", "")
+    if outcome == "needs-you":
+        lines.append(
+            f"- settle it: `flow show {run_id} N` shows candidate N's diff and evidence, "
+            f"`flow pick {run_id} N` commits it to `{branch}`"
+        )
+    if any(c.status == "ok" for c in state.get("candidates", [])):
+        lines.append(f"- every candidate with a diff is kept as `refs/flow/{run_id}/N`")
     lines.append(f"- cost: {usd(cost)}")
     if dirty_note:
         lines.append(f"- note: {dirty_note}")

@@ -20,6 +20,7 @@ from orchestrator.context import Context
 from orchestrator.errors import WorkspaceError
 from orchestrator.events import Event, Notice, RunFinished, RunStarted
 from orchestrator.layers import ConfigSource
+from orchestrator.nodes.report import outcome_of
 from orchestrator.preflight import preflight
 from orchestrator.protocols import EventSink
 from orchestrator.redact import Redactor, environment_secrets
@@ -316,7 +317,7 @@ async def _run(
     sink.emit(
         RunFinished(
             run_id=run_id,
-            outcome="applied" if result.branch else "nothing",
+            outcome=result.outcome,
             branch=result.branch,
             commit=result.commit,
             cost_usd=cost,
@@ -337,7 +338,7 @@ def _result(run_id: str, final: RunState, cost: float, run_dir: Path) -> RunResu
         )
     return RunResult(
         run_id=run_id,
-        outcome="applied" if applied else "nothing",
+        outcome=outcome_of(final),
         branch=applied.branch if applied else None,
         commit=applied.commit if applied else None,
         winner_model=winner,

@@ -12,10 +12,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from orchestrator.errors import FlowError
 from orchestrator.ledger import open_db
 
-RunStatus = Literal["running", "applied", "nothing", "failed", "interrupted"]
-ItemStatus = Literal["pending", "running", "applied", "nothing", "failed", "skipped"]
+RunStatus = Literal["running", "applied", "needs-you", "nothing", "failed", "interrupted"]
+ItemStatus = Literal["pending", "running", "applied", "needs-you", "nothing", "failed", "skipped"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -185,6 +186,31 @@ class Store:
     def run(self, run_id: str) -> RunRecord | None:
         rows = self._exec("SELECT * FROM runs WHERE run_id=?", (run_id,))
         return _run(rows[0]) if rows else None
+
+    def resolve(self, text: str, *, batches: bool = True) -> str:
+        """A full run (or batch) id from an id, a unique prefix of one, or `last` (the newest
+        run); raises FlowError naming the choices when it is unknown or ambiguous."""
+        if text == "last":
+            rows = self._exec("SELECT run_id FROM runs ORDER BY started DESC LIMIT 1")
+            if not rows:
+                raise FlowError("no runs yet, so `last` names nothing; see `flow status`")
+            return str(rows[0][0])
+        args = (len(text), text)
+        found = [
+            str(r[0])
+            for r in self._exec("SELECT run_id FROM runs WHERE substr(run_id,1,?)=?", args)
+        ]
+        if batches:
+            sql = "SELECT batch_id FROM batches WHERE substr(batch_id,1,?)=?"
+            found += [str(r[0]) for r in self._exec(sql, args)]
+        if text in found:
+            return text
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise FlowError(f"no run or batch {text!r}; see `flow status`")
+        shown = ", ".join(sorted(found)[:5]) + (", …" if len(found) > 5 else "")
+        raise FlowError(f"{text!r} is the start of several ids ({shown}); give more of it")
 
     def runs(self, limit: int = 50, batch_id: str | None = None) -> list[RunRecord]:
         if batch_id is None:

@@ -152,8 +152,9 @@ def describe(event: Event) -> str | None:
         return f"  [yellow]skipped[/] {event.spec}: {event.reason}"
     if isinstance(event, BatchFinished):
         return (
-            f"[bold]batch {event.batch_id}[/]: {event.applied} applied, {event.nothing} "
-            f"nothing acceptable, {event.failed} failed, {event.skipped} skipped; "
+            f"[bold]batch {event.batch_id}[/]: {event.applied} applied, {event.needs_you} "
+            f"need you, {event.nothing} nothing acceptable, {event.failed} failed, "
+            f"{event.skipped} skipped; "
             f"cost {usd(event.cost_usd)}\nreport: {event.report}"
         )
     if isinstance(event, RunFinished):
@@ -162,6 +163,13 @@ def describe(event: Event) -> str | None:
                 f"[green bold]applied[/] on branch [bold]{event.branch}[/] "
                 f"({(event.commit or '')[:12]}), cost {usd(event.cost_usd)}\n"
                 f"report: {event.report}"
+            )
+        if event.outcome == "needs-you":
+            return (
+                f"[yellow bold]needs you[/]: the evidence does not support applying a "
+                f"candidate, cost {usd(event.cost_usd)}\nreport: {event.report}\n"
+                f"see the candidates: flow show {event.run_id}; commit one: "
+                f"flow pick {event.run_id} N"
             )
         return (
             f"[red bold]nothing applied[/]: no acceptable candidate, cost "
@@ -246,9 +254,13 @@ def status_tables(
     rt.add_column("started", no_wrap=True, width=11)
     for r in runs:
         style = STATUS_STYLE.get(
-            {"applied": "ok", "nothing": "empty", "interrupted": "failed", "failed": "failed"}.get(
-                r.live_status, "running"
-            ),
+            {
+                "applied": "ok",
+                "needs-you": "empty",
+                "nothing": "empty",
+                "interrupted": "failed",
+                "failed": "failed",
+            }.get(r.live_status, "running"),
             "",
         )
         title = f"{r.title} → {r.applied_branch}" if r.applied_branch else r.title

@@ -338,12 +338,36 @@ class Repo:
 
     def commit_patch(self, base_sha: str, patch: bytes, branch: str, message: str) -> str:
         """Commit `patch` onto base as the new branch; the user's checkout is never touched."""
-        if not patch.strip():
-            raise WorkspaceError("the candidate diff is empty; there is nothing to commit")
         if not _ok(self.root, "check-ref-format", f"refs/heads/{branch}"):
             raise WorkspaceError(f"'{branch}' is not a valid branch name; choose another")
         if self.branch_exists(branch):
             raise self._exists(branch)
+        sha = self._commit(base_sha, patch, message)
+        made = self._create_ref(f"refs/heads/{branch}", sha, message)
+        if made is not None:
+            if self.branch_exists(branch):
+                raise self._exists(branch)
+            raise WorkspaceError(f"cannot create branch '{branch}': {made}")
+        return sha
+
+    def keep_candidate(self, base_sha: str, patch: bytes, ref: str, message: str) -> str:
+        """Commit `patch` onto base under `ref` (refs/flow/…, not a branch), create-only.
+
+        An existing ref is left as it is and its commit returned: a resumed run keeps what the
+        first attempt recorded.
+        """
+        found = _run(self.root, ("rev-parse", "--verify", "--quiet", ref), check=False)
+        if found.returncode == 0:
+            return _text(found)
+        sha = self._commit(base_sha, patch, message)
+        made = self._create_ref(ref, sha, message)
+        if made is not None:
+            raise WorkspaceError(f"cannot create {ref}: {made}")
+        return sha
+
+    def _commit(self, base_sha: str, patch: bytes, message: str) -> str:
+        if not patch.strip():
+            raise WorkspaceError("the candidate diff is empty; there is nothing to commit")
         base = self.resolve(base_sha)
         tree = self._tree_with(base, patch)
         if tree == self.git("rev-parse", f"{base}^{{tree}}"):
@@ -351,17 +375,16 @@ class Repo:
         name, email = self.identity()
         who = {"GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email}
         who |= {"GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email}
-        sha = self.git("commit-tree", tree, "-p", base, "-F", "-", env=who, input=message.encode())
-        # The zero old-value makes update-ref create-only, closing the race with a branch
-        # created since the check above. Its length follows the repo's hash (SHA-1 or SHA-256).
+        return self.git("commit-tree", tree, "-p", base, "-F", "-", env=who, input=message.encode())
+
+    def _create_ref(self, ref: str, sha: str, message: str) -> str | None:
+        """Create `ref` at `sha` only if it does not exist; None, or why it failed."""
+        # The zero old-value makes update-ref create-only, closing the race with a ref
+        # created since the caller looked. Its length follows the repo's hash (SHA-1 or SHA-256).
         subject = message.strip().splitlines()[0][:80] if message.strip() else "commit"
-        ref = ("update-ref", "-m", f"flow: {subject}", f"refs/heads/{branch}", sha, "0" * len(sha))
-        made = _run(self.root, ref, check=False)
-        if made.returncode != 0:
-            if self.branch_exists(branch):
-                raise self._exists(branch)
-            raise WorkspaceError(f"cannot create branch '{branch}': {_first_line(made.stderr)}")
-        return sha
+        args = ("update-ref", "-m", f"flow: {subject}", ref, sha, "0" * len(sha))
+        made = _run(self.root, args, check=False)
+        return None if made.returncode == 0 else _first_line(made.stderr)
 
     def _tree_with(self, base: str, patch: bytes) -> str:
         """The tree of base with `patch` applied, built in a throwaway index."""

@@ -74,7 +74,7 @@ def test_budget_exhaustion_skips_new_specs_and_says_why(tmp_path: Path) -> None:
     statuses = [i.status for i in result.items]
     # The first spec runs; whether its reviews fit what is left decides applied or not
     # (a candidate without a completed review is not applied), never a skip.
-    assert statuses[0] in ("applied", "nothing")
+    assert statuses[0] in ("applied", "needs-you")
     assert "skipped" in statuses[1:]
     reasons = [i.reason or "" for i in result.items if i.status == "skipped"]
     assert all("budget" in r for r in reasons)
@@ -151,7 +151,7 @@ def test_status_and_report_commands(tmp_path: Path) -> None:
         text=True,
         env=env,
     )
-    assert missing.returncode == 2 and "no report" in missing.stderr
+    assert missing.returncode == 2 and "no run or batch" in missing.stderr
 
 
 def test_a_spec_whose_branch_exists_is_skipped_not_fatal(tmp_path: Path) -> None:

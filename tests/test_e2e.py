@@ -190,7 +190,7 @@ def test_nothing_acceptable_applies_nothing(tmp_path: Path) -> None:
     )
     before = repo_state(demo.repo)
     result, _ = run(demo, config)
-    assert result.exit_code == 1 and result.outcome == "nothing" and result.branch is None
+    assert result.exit_code == 1 and result.outcome == "needs-you" and result.branch is None
     assert repo_state(demo.repo) == before
     assert "nothing was applied" in result.report.read_text()
 

@@ -121,3 +121,20 @@ def test_a_candidate_without_a_completed_review_needs_reviews_optional() -> None
     assert sel.winner == 1 and sel.ranking == [1]
     sel = choose([cand(0)], [checks(0, True)], failed, has_checks=True, needs_review=False)
     assert sel.winner == 0
+
+
+def test_a_top_candidate_most_reviewers_reject_is_not_applied() -> None:
+    """Issue 9.4: the top of the ranking, rejected by a majority of its reviewers → needs you."""
+    reviews = [
+        review(0, 9, "reject"),
+        review(0, 9, "reject"),
+        review(0, 9),
+        review(1, 4),
+        review(1, 4),
+        review(1, 4),
+    ]
+    sel = choose([cand(0), cand(1)], [], reviews, has_checks=False)
+    assert sel.ranking[0] == 0 and sel.winner is None
+    assert "2 of 3 reviewers rejected the top candidate #0" in sel.explanation[-1]
+    split = [review(0, 9, "reject"), review(0, 9), review(1, 4), review(1, 4)]
+    assert choose([cand(0), cand(1)], [], split, has_checks=False).winner == 0

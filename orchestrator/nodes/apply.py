@@ -7,6 +7,7 @@ import asyncio
 from langgraph.runtime import Runtime
 
 from orchestrator.context import Context
+from orchestrator.errors import WorkspaceError
 from orchestrator.events import Notice, StageStarted
 from orchestrator.fmt import usd
 from orchestrator.state import Applied, Candidate, RunState
@@ -22,11 +23,37 @@ def commit_message(title: str, winner: Candidate, run_id: str, cost: float) -> s
     return "\n\n".join(parts) + "\n"
 
 
+def candidate_ref(run_id: str, index: int) -> str:
+    """Where a run's candidate N is kept in the user's repository (not a branch)."""
+    return f"refs/flow/{run_id}/{index}"
+
+
+async def keep_candidates(ctx: Context, state: RunState) -> list[str]:
+    """Every candidate with a diff becomes a commit under refs/flow/RUN/N (create-only), so
+    `git diff`, `git log`, `flow show` and `flow pick` work on it; notes for those that failed."""
+    notes = []
+    for c in state.get("candidates", []):
+        if c.status != "ok" or c.patch is None:
+            continue
+        patch = (ctx.run_dir / c.patch).read_bytes()
+        message = ctx.redact(
+            f"{ctx.spec.title.strip()} (candidate #{c.index})\n\n"
+            f"Flow-Run: {ctx.run_id}\nFlow-Candidate: {c.index}\nFlow-Model: {c.model}\n"
+        )
+        ref = candidate_ref(ctx.run_id, c.index)
+        try:
+            await asyncio.to_thread(ctx.repo.keep_candidate, state["base_sha"], patch, ref, message)
+        except WorkspaceError as err:
+            notes.append(f"candidate #{c.index} not kept as {ref}: {err}")
+    return notes
+
+
 async def apply(state: RunState, runtime: Runtime[Context]) -> dict[str, object]:
     ctx = runtime.context
+    notes = await keep_candidates(ctx, state)
     selection = state.get("selection")
     if selection is None or selection.winner is None:
-        return {}
+        return {"notes": notes}
     ctx.events.emit(StageStarted(run_id=ctx.run_id, stage="apply"))
     winner = next(c for c in state["candidates"] if c.index == selection.winner)
     assert winner.patch is not None
@@ -40,7 +67,7 @@ async def apply(state: RunState, runtime: Runtime[Context]) -> dict[str, object]
         else ""
     )
     if existing and f"Flow-Run: {ctx.run_id}" in existing:
-        return {"applied": Applied(branch=branch, commit=existing.split()[0])}
+        return {"applied": Applied(branch=branch, commit=existing.split()[0]), "notes": notes}
     try:
         sha = await asyncio.to_thread(
             ctx.repo.commit_patch, state["base_sha"], patch, branch, message
@@ -58,4 +85,4 @@ async def apply(state: RunState, runtime: Runtime[Context]) -> dict[str, object]
         sha = await asyncio.to_thread(
             ctx.repo.commit_patch, state["base_sha"], patch, branch, message
         )
-    return {"applied": Applied(branch=branch, commit=sha)}
+    return {"applied": Applied(branch=branch, commit=sha), "notes": notes}

@@ -12,7 +12,13 @@ from orchestrator.state import RunState
 
 
 def outcome_of(state: RunState) -> str:
-    return "applied" if state.get("applied") else "nothing"
+    """`applied`; `needs-you` when candidates with a diff exist but the evidence did not
+    support applying one (`flow show`, `flow pick` settle it); else `nothing`."""
+    if state.get("applied"):
+        return "applied"
+    if any(c.status == "ok" for c in state.get("candidates", [])):
+        return "needs-you"
+    return "nothing"
 
 
 async def report(state: RunState, runtime: Runtime[Context]) -> dict[str, object]:
@@ -45,10 +51,13 @@ async def report(state: RunState, runtime: Runtime[Context]) -> dict[str, object
         "title": ctx.spec.title,
         "spec": str(ctx.spec.path),
         "outcome": outcome_of(state),
+        "base": state["base_sha"],
+        "branch": ctx.spec.branch,
         "cost_usd": round(cost, 6),
         "applied": applied.model_dump() if applied else None,
         "selection": selection.model_dump() if selection else None,
         "candidates": [c.model_dump() for c in state.get("candidates", [])],
+        "checks": [c.model_dump() for c in state.get("checks", [])],
         "reviews": [r.model_dump() for r in state.get("reviews", [])],
         "notes": state.get("notes", []),
     }

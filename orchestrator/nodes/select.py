@@ -72,6 +72,16 @@ def choose(
             f"{c.diff_size} changed lines{touched}"
         )
     winner = ranking[0].index if ranking else None
+    if ranking:
+        top = [r for r in done if r.candidate == ranking[0].index]
+        rejects = sum(r.verdict == "reject" for r in top)
+        if rejects * 2 > len(top):
+            # The evidence ranks it first, yet most of its reviewers say no: ask the user.
+            explanation.append(
+                f"not applied: {rejects} of {len(top)} reviewers rejected the top candidate "
+                f"#{ranking[0].index}; needs you"
+            )
+            winner = None
     return Selection(winner=winner, ranking=[c.index for c in ranking], explanation=explanation)
 
 
