@@ -112,6 +112,9 @@ class Budget(_Strict):
 
 
 class BuilderSettings(_Strict):
+    enough: int | None = Field(default=None, ge=1, le=32)
+    """Adaptive N: at most this many builders in flight, and none starts once this many
+    candidates pass their checks (a spec's `builders: {max, enough}` overrides it)."""
     max_turns: int = Field(default=40, ge=1)
     command_timeout_s: float = Field(default=300.0, gt=0)
     output_cap_bytes: int = Field(default=16_000, ge=256)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.attempts import Attempts
 from orchestrator.config import LoadedConfig
 from orchestrator.ledger import Ledger
 from orchestrator.protocols import EventSink, ModelDoor
@@ -26,6 +27,8 @@ class Context:
     ledger: Ledger
     redact: Redactor = field(default_factory=Redactor)
     keep_worktrees: bool = False
+    attempts: Attempts = field(default_factory=lambda: Attempts(None))
+    """Adaptive N's gate: which builders start (orchestrator/attempts.py)."""
     dirty_note: str | None = None
     """Set when the user's working tree had uncommitted changes, which are not included."""
 

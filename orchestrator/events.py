@@ -31,7 +31,7 @@ class BuilderUpdate(Event):
     kind: Literal["builder"] = "builder"
     index: int
     model: str
-    status: Literal["running", "ok", "empty", "failed"]
+    status: Literal["running", "ok", "empty", "failed", "not started"]
     turns: int = 0
     tokens: int = 0
     cost_usd: float = 0.0

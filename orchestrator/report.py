@@ -19,9 +19,7 @@ def _n(count: int, word: str) -> str:
 
 def _reasoning_block(texts: list[str]) -> list[str]:
     """The builder's reasoning, collapsed: it explains choices but is long."""
-    body = "\n\n".join(
-        f"turn {i}: {md(t.strip())}" for i, t in enumerate(texts, 1) if t.strip()
-    )
+    body = "\n\n".join(f"turn {i}: {md(t.strip())}" for i, t in enumerate(texts, 1) if t.strip())
     if not body:
         return []
     if len(body) > REASONING_CHARS:

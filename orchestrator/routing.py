@@ -6,7 +6,7 @@ from typing import Literal
 
 from langgraph.types import Send
 
-from orchestrator.state import BuildTask, CheckTask, ReviewTask, RunState
+from orchestrator.state import BuildTask, ReviewTask, RunState
 
 
 def route_builders(state: RunState) -> list[Send]:
@@ -15,16 +15,6 @@ def route_builders(state: RunState) -> list[Send]:
     return [
         Send("build", BuildTask(index=i, model=m, base_sha=state["base_sha"], plan=plan))
         for i, m in enumerate(state["builder_models"])
-    ]
-
-
-def route_checks(state: RunState) -> list[Send] | Literal["select"]:
-    ready = [c for c in state.get("candidates", []) if c.status == "ok"]
-    if not ready:
-        return "select"
-    return [
-        Send("check", CheckTask(candidate=c, base_sha=state["base_sha"]))
-        for c in sorted(ready, key=lambda c: c.index)
     ]
 
 

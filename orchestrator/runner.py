@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from langchain_core.runnables import RunnableConfig
 from pydantic import BaseModel
 
+from orchestrator.attempts import Attempts
 from orchestrator.config import LoadedConfig, secret_values
 from orchestrator.context import Context
 from orchestrator.errors import WorkspaceError
@@ -195,7 +196,8 @@ async def _run(
         "configurable": {"thread_id": run_id},
         "max_concurrency": options.max_concurrency,
     }
-    resuming = await shared.saver.aget_tuple(config) is not None
+    saved = await shared.saver.aget_tuple(config)
+    resuming = saved is not None
     if resuming:  # the interrupted process may have left its checkouts behind
         await asyncio.to_thread(remove_run_worktrees, repo, run_id)
     dirty = await asyncio.to_thread(repo.is_dirty)
@@ -236,6 +238,7 @@ async def _run(
         ledger=ledger,
         redact=redact,
         keep_worktrees=options.keep_worktrees,
+        attempts=Attempts(_enough(spec, loaded, len(slots)), passed=_passed_before(saved)),
         dirty_note=(
             "the working tree had uncommitted changes; they were not included "
             f"(the run used the committed base {base_sha[:12]})"
@@ -326,6 +329,24 @@ async def _run(
         )
     )
     return result
+
+
+def _enough(spec: Spec, loaded: LoadedConfig, slots: int) -> int | None:
+    """Adaptive N's `enough`, from the spec or agents.yaml; None: every builder starts."""
+    enough = spec.enough or loaded.config.builder.enough
+    return None if enough is None or enough >= slots else enough
+
+
+def _passed_before(saved: Any) -> int:
+    """Candidates that passed their checks before an interruption (adaptive N's count)."""
+    writes = getattr(saved, "pending_writes", None) or []
+    return sum(
+        1
+        for _task, channel, value in writes
+        if channel == "checks"
+        for checks in value
+        if checks.passed
+    )
 
 
 def _result(run_id: str, final: RunState, cost: float, run_dir: Path) -> RunResult:

@@ -59,12 +59,30 @@ def describe() -> str:
 
 
 _SECRET_DIRS = (
-    ".ssh", ".config", ".aws", ".azure", ".gnupg", ".docker", ".kube", ".password-store",
-    ".cache", ".local/share/keyrings", ".mozilla", ".thunderbird",
+    ".ssh",
+    ".config",
+    ".aws",
+    ".azure",
+    ".gnupg",
+    ".docker",
+    ".kube",
+    ".password-store",
+    ".cache",
+    ".local/share/keyrings",
+    ".mozilla",
+    ".thunderbird",
 )
 _SECRET_FILES = (
-    ".netrc", ".git-credentials", ".gitconfig", ".npmrc", ".pypirc", ".bash_history",
-    ".zsh_history", ".python_history", ".lesshst", ".viminfo",
+    ".netrc",
+    ".git-credentials",
+    ".gitconfig",
+    ".npmrc",
+    ".pypirc",
+    ".bash_history",
+    ".zsh_history",
+    ".python_history",
+    ".lesshst",
+    ".viminfo",
 )
 
 

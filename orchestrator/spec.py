@@ -10,11 +10,27 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from orchestrator.errors import SpecError
 
-FRONT_MATTER_KEYS = ("title", "checks", "base", "branch", "builders", "models")
+FRONT_MATTER_KEYS = (
+    "title",
+    "checks",
+    "base",
+    "branch",
+    "builders",
+    "models",
+    "reviews",
+    "protect",
+)
 SLUG_MAX = 60
 
 _HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
@@ -34,7 +50,9 @@ _EXPECTED = {
     "checks": "expected a shell command or a list of shell commands",
     "base": "expected a git revision such as main or a commit sha (quote it if it looks numeric)",
     "branch": "expected a git branch name such as flow/my-change",
-    "builders": "expected an integer from 1 to 32",
+    "builders": "expected an integer from 1 to 32, or {max: N, enough: K} with 1 <= K <= N <= 32",
+    "reviews": "expected required or optional",
+    "protect": "expected a list of globs such as [tests/**, conftest.py], or [] for none",
     "models": "expected a mapping of stages (planner, builders, reviewers) to model names",
 }
 
@@ -77,7 +95,9 @@ class Spec(BaseModel):
     """Git revision to build on; None means HEAD."""
     branch: str
     builders: int | None
-    """Overrides the configured builder count."""
+    """Overrides the configured builder count (with `enough`: the most that may start)."""
+    enough: int | None = None
+    """Adaptive N: no new builder starts once this many candidates pass their checks."""
     models: dict[str, Any] | None = None
     """Per-stage model overrides (`planner`, `builders`, `reviewers`), a config layer."""
     reviews: Literal["required", "optional"] | None = None
@@ -87,6 +107,21 @@ class Spec(BaseModel):
     requirements: list[Requirement]
     digest: str
     """sha256 of the raw bytes of every file read, so a resumed run can tell the spec changed."""
+
+
+class Attempts(BaseModel):
+    """`builders: {max: 6, enough: 2}`: a budget of attempts rather than a fixed count."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max: int = Field(ge=1, le=32, strict=True)
+    enough: int = Field(ge=1, le=32, strict=True)
+
+    @model_validator(mode="after")
+    def _order(self) -> Attempts:
+        if self.enough > self.max:
+            raise ValueError(f"enough ({self.enough}) cannot be more than max ({self.max})")
+        return self
 
 
 class FrontMatter(BaseModel):
@@ -100,10 +135,18 @@ class FrontMatter(BaseModel):
     base: str | None = None
     branch: str | None = None
     """Defaults to flow/<slug of title>."""
-    builders: int | None = Field(default=None, ge=1, le=32, strict=True)
+    builders: int | Attempts | None = Field(default=None)
     models: dict[str, Any] | None = None
     reviews: Literal["required", "optional"] | None = None
     protect: list[str] | None = None
+
+    @field_validator("builders", mode="before")
+    @classmethod
+    def _count(cls, value: Any) -> Any:
+        bad = isinstance(value, bool) or (isinstance(value, int) and not 1 <= value <= 32)
+        if bad or (value is not None and not isinstance(value, int | dict)):
+            raise ValueError(f"{_EXPECTED['builders']}, got {value!r}")
+        return value
 
     @field_validator("protect")
     @classmethod
@@ -447,7 +490,8 @@ def _make_spec(
         checks=front.checks,
         base=front.base,
         branch=front.branch or f"flow/{slug}",
-        builders=front.builders,
+        builders=front.builders.max if isinstance(front.builders, Attempts) else front.builders,
+        enough=front.builders.enough if isinstance(front.builders, Attempts) else None,
         models=front.models,
         reviews=front.reviews,
         protect=front.protect,

@@ -30,7 +30,7 @@ class Candidate(BaseModel):
     index: int
     model: str
     family: str
-    status: Literal["ok", "empty", "failed"]
+    status: Literal["ok", "empty", "failed", "not started"]
     error: str | None = None
     patch: str | None = None
     """Patch file name relative to the run directory."""

@@ -82,9 +82,7 @@ _SHADOW_CONFIG = (
 )
 # info/attributes outranks every .gitattributes of the work tree: no filter, conversion or
 # diff driver a model wrote there applies to what flow records.
-_SHADOW_ATTRIBUTES = (
-    "* !filter !text !eol !ident !diff !merge !working-tree-encoding !crlf\n"
-)
+_SHADOW_ATTRIBUTES = "* !filter !text !eol !ident !diff !merge !working-tree-encoding !crlf\n"
 _SHADOW_SUFFIX = ".flowgit"
 GIT_TIMEOUT_S = 600.0
 """No git command flow runs may hang a run: each is killed after this long."""

@@ -7,7 +7,7 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from langgraph.runtime import Runtime
 
@@ -20,10 +20,12 @@ from orchestrator.context import Context
 from orchestrator.errors import AuthenticationFailed, BudgetExceeded
 from orchestrator.events import BuilderUpdate
 from orchestrator.evidence.protect import protection_for, split_patch
+from orchestrator.fmt import usd
+from orchestrator.nodes.check import check_candidate
 from orchestrator.state import BuildTask, Candidate
 from orchestrator.workspace import diff_stats, worktree_diff
 
-Status = Literal["running", "ok", "empty", "failed"]
+Status = Literal["running", "ok", "empty", "failed", "not started"]
 
 
 def _short(err: BaseException) -> str:
@@ -32,7 +34,55 @@ def _short(err: BaseException) -> str:
 
 
 async def build(task: BuildTask, runtime: Runtime[Context]) -> dict[str, object]:
+    """Build one candidate, then check it at once (not after the slowest sibling)."""
     ctx = runtime.context
+    if not await ctx.attempts.start(task.index):
+        return _not_started(ctx, task)
+    passed = False
+    try:
+        result = await _build(task, ctx)
+        candidate = result["candidates"][0]
+        if candidate.status != "ok":  # unfinished or empty: nothing to check
+            return result
+        checks = await check_candidate(ctx, candidate, task.base_sha)
+        passed = checks.passed
+        return {**result, "checks": [checks]}
+    finally:
+        ctx.attempts.finished(passed)
+
+
+def _not_started(ctx: Context, task: BuildTask) -> dict[str, object]:
+    """Enough candidates passed before this builder's turn came: it never starts."""
+    model = ctx.config.model(task.model)
+    turns = ctx.config.config.builder.max_turns
+    per_turn = model.max_output_tokens * model.output_per_token
+    if model.context_window:
+        per_turn += model.context_window * max(model.input_per_token, model.cached_per_token)
+    bound = (
+        f"it would have cost at most {usd(turns * per_turn)} ({turns} turns at their worst case)"
+        if model.context_window or not (model.input_per_token or model.cached_per_token)
+        else f"its cost had no bound ({model.name} has no context_window to bound its prompts)"
+    )
+    ctx.events.emit(
+        BuilderUpdate(
+            run_id=ctx.run_id,
+            index=task.index,
+            model=task.model,
+            status="not started",
+            action=f"{ctx.attempts.passed} candidates already pass",
+        )
+    )
+    candidate = Candidate(
+        index=task.index, model=task.model, family=model.family, status="not started"
+    )
+    note = (
+        f"builder #{task.index} ({task.model}) not started: {ctx.attempts.passed} candidates "
+        f"already passed their checks (enough: {ctx.attempts.enough}); {bound}"
+    )
+    return {"candidates": [candidate], "notes": [note]}
+
+
+async def _build(task: BuildTask, ctx: Context) -> dict[str, Any]:
     model = ctx.config.model(task.model)
     path = ctx.worktrees / f"build-{task.index}"
 

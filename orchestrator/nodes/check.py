@@ -4,31 +4,28 @@ from __future__ import annotations
 
 import asyncio
 
-from langgraph.runtime import Runtime
-
 from orchestrator.context import Context
 from orchestrator.events import CheckDone
 from orchestrator.preflight import missing_programs, program_of
 from orchestrator.proc import run_shell, sandbox_env
-from orchestrator.state import CandidateChecks, CheckResult, CheckTask
+from orchestrator.state import Candidate, CandidateChecks, CheckResult, CheckTask
 from orchestrator.workspace import apply_patch
 
 TAIL_CHARS = 4000
-__all__ = ["check", "missing_programs", "program_of"]
+__all__ = ["check_candidate", "missing_programs", "program_of"]
 
 
-async def check(task: CheckTask, runtime: Runtime[Context]) -> dict[str, object]:
-    ctx = runtime.context
-    cand = task.candidate
+async def check_candidate(ctx: Context, cand: Candidate, base_sha: str) -> CandidateChecks:
+    """The spec's checks on base + the candidate's patch, in a fresh checkout."""
     report = CandidateChecks(candidate=cand.index)
     if ctx.spec.checks and cand.patch:
-        report.results = await _run_checks(ctx, task)
+        report.results = await _run_checks(ctx, CheckTask(candidate=cand, base_sha=base_sha))
     done = sum(r.passed for r in report.results)
     summary = f"{done}/{len(report.results)} passed" if report.results else "no checks"
     ctx.events.emit(
         CheckDone(run_id=ctx.run_id, candidate=cand.index, passed=report.passed, summary=summary)
     )
-    return {"checks": [report]}
+    return report
 
 
 async def _run_checks(ctx: Context, task: CheckTask) -> list[CheckResult]:
