@@ -90,11 +90,7 @@ def parse_until(value: str | None, now: datetime | None = None) -> datetime | No
 
 
 def _min_call_cost(loaded: LoadedConfig) -> float:
-    planner = loaded.model(loaded.config.stages.planner.model)
-    return (
-        PROMPT_ALLOWANCE_TOKENS * planner.input_per_token
-        + planner.max_output_tokens * planner.output_per_token
-    )
+    return loaded.worst_call(loaded.config.stages.planner.model, "plan", PROMPT_ALLOWANCE_TOKENS)
 
 
 def _open(

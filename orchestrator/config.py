@@ -54,6 +54,17 @@ class Price(_Strict):
     input: float = Field(ge=0)
     output: float = Field(ge=0)
     cached_input: float | None = Field(default=None, ge=0)
+    tiers: list[PriceTierConfig] = Field(default_factory=list)
+    """Higher prices for long prompts, e.g. `[{above_tokens: 200000, input: 2.5, output: 15}]`."""
+
+
+class PriceTierConfig(_Strict):
+    """USD per million tokens once a prompt has more than `above_tokens` tokens."""
+
+    above_tokens: int = Field(ge=1)
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cached_input: float | None = Field(default=None, ge=0)
 
 
 class ModelConfig(_Strict):
@@ -106,9 +117,26 @@ class Stages(_Strict):
     reviewers: list[ModelRef] = Field(default_factory=list)
 
 
+class OutputTokens(_Strict):
+    """The most one call of each stage may generate: sent with the request as its output
+    limit (never above the model's own), so a call's worst case is what it asked for."""
+
+    planner: int = Field(default=8192, ge=256)
+    builders: int = Field(default=32768, ge=256)
+    reviewers: int = Field(default=8192, ge=256)
+    testers: int = Field(default=32768, ge=256)
+
+    def for_stage(self, stage: str) -> int | None:
+        """The cap of a door stage name (`plan`, `build`, `review`, `test`); None: none."""
+        names = {"plan": "planner", "build": "builders", "review": "reviewers", "test": "testers"}
+        field = names.get(stage)
+        return int(getattr(self, field)) if field else None
+
+
 class Budget(_Strict):
     per_run_usd: float | None = Field(default=None, ge=0)
     per_call_usd: float | None = Field(default=None, ge=0)
+    output_tokens: OutputTokens = Field(default_factory=OutputTokens)
 
 
 class BuilderSettings(_Strict):
@@ -166,6 +194,38 @@ class Config(_Strict):
         return self
 
 
+class PriceTier(BaseModel):
+    """Prices that apply when a prompt has more than `above_tokens` tokens."""
+
+    above_tokens: int
+    input_per_token: float
+    output_per_token: float
+    cached_per_token: float
+
+
+_TIER_KEY = re.compile(r"^input_cost_per_token_above_(\d+)k_tokens$")
+
+
+def _tiers(entry: dict[str, Any], inp: float, out: float, cached: float) -> tuple[PriceTier, ...]:
+    """litellm's size tiers of one model (the standard service tier only)."""
+    tiers = []
+    for key in entry:
+        found = _TIER_KEY.match(key)
+        if not found:
+            continue
+        above = f"above_{found.group(1)}k_tokens"
+        tier_in = float(entry[key])
+        tiers.append(
+            PriceTier(
+                above_tokens=int(found.group(1)) * 1000,
+                input_per_token=tier_in,
+                output_per_token=float(entry.get(f"output_cost_per_token_{above}", out)),
+                cached_per_token=float(entry.get(f"cache_read_input_token_cost_{above}", tier_in)),
+            )
+        )
+    return tuple(sorted(tiers, key=lambda t: t.above_tokens))
+
+
 class ResolvedModel(BaseModel):
     """Everything the model door needs to call one configured model."""
 
@@ -185,6 +245,31 @@ class ResolvedModel(BaseModel):
     script: Path | str | None = None
     quirks: ResolvedQuirks = DEFAULT_QUIRKS
     """Effective request quirks (fully resolved)."""
+    tiers: tuple[PriceTier, ...] = ()
+    """litellm's higher prices for prompts above a size (`*_above_200k_tokens`), ascending."""
+    reasoning_per_token: float = 0.0
+    """litellm's price of a reasoning output token, where it differs from the output price."""
+
+    def prices_for(self, prompt_tokens: int) -> tuple[float, float, float]:
+        """(input, output, cached) USD per token for a prompt of this size."""
+        price = (self.input_per_token, self.output_per_token, self.cached_per_token)
+        for tier in self.tiers:
+            if prompt_tokens > tier.above_tokens:
+                price = (tier.input_per_token, tier.output_per_token, tier.cached_per_token)
+        return price
+
+    def worst_cost(self, prompt_bound: int, output_tokens: int) -> float:
+        """The most a call can cost: every price it may reach (any tier up to its prompt bound,
+        cache prices, reasoning output) at the most tokens it may send and receive."""
+        reachable = [(self.input_per_token, self.output_per_token, self.cached_per_token)]
+        reachable += [
+            (t.input_per_token, t.output_per_token, t.cached_per_token)
+            for t in self.tiers
+            if prompt_bound > t.above_tokens
+        ]
+        prompt = max(max(inp, cached) for inp, _, cached in reachable)
+        output = max([out for _, out, _ in reachable] + [self.reasoning_per_token])
+        return prompt_bound * prompt + output_tokens * output
 
     @property
     def scripted(self) -> bool:
@@ -200,6 +285,17 @@ class LoadedConfig(BaseModel):
 
     def model(self, name: str) -> ResolvedModel:
         return self.models[name]
+
+    def output_tokens(self, name: str, stage: str) -> int:
+        """The output limit a call of `stage` sends to model `name`: the stage's cap
+        (`budget.output_tokens`), never above the model's own."""
+        own = self.models[name].max_output_tokens
+        cap = self.config.budget.output_tokens.for_stage(stage)
+        return min(own, cap) if cap else own
+
+    def worst_call(self, name: str, stage: str, prompt_tokens: int) -> float:
+        """The most one call of `stage` with a prompt of this size may cost."""
+        return self.models[name].worst_cost(prompt_tokens, self.output_tokens(name, stage))
 
     def builder_slots(self, override: int | None = None) -> list[str]:
         """Model name per builder slot, in config order; an override trims or cycles the list."""
@@ -275,12 +371,30 @@ def _resolve(name: str, model: ModelConfig, config: Config, base: Path | None) -
         vendor = str(entry.get("litellm_provider", "")) if entry else ""
         family = model.family or vendor or model.id.split("/", 1)[0]
         script = None
+    tiers: tuple[PriceTier, ...] = ()
+    reasoning = 0.0
     if model.price is not None:
         inp, out = _per_token(model.price.input), _per_token(model.price.output)
         cached = (
             _per_token(model.price.cached_input) if model.price.cached_input is not None else inp
         )
         source: Any = "config"
+        tiers = tuple(
+            sorted(
+                (
+                    PriceTier(
+                        above_tokens=t.above_tokens,
+                        input_per_token=_per_token(t.input),
+                        output_per_token=_per_token(t.output),
+                        cached_per_token=_per_token(
+                            t.cached_input if t.cached_input is not None else t.input
+                        ),
+                    )
+                    for t in model.price.tiers
+                ),
+                key=lambda t: t.above_tokens,
+            )
+        )
     elif api == "scripted":
         inp = out = cached = 0.0
         source = "scripted"
@@ -288,6 +402,8 @@ def _resolve(name: str, model: ModelConfig, config: Config, base: Path | None) -
         inp, out = float(entry["input_cost_per_token"]), float(entry["output_cost_per_token"])
         cached = float(entry.get("cache_read_input_token_cost", inp))
         source = "litellm"
+        tiers = _tiers(entry, inp, out, cached)
+        reasoning = float(entry.get("output_cost_per_reasoning_token") or 0.0)
     else:
         raise ConfigError(
             f"models.{name}.price: no known price for {model.id!r}; "
@@ -316,6 +432,8 @@ def _resolve(name: str, model: ModelConfig, config: Config, base: Path | None) -
         context_window=window,
         script=script,
         quirks=quirks,
+        tiers=tiers,
+        reasoning_per_token=reasoning,
     )
 
 

@@ -115,11 +115,8 @@ def missing_programs(commands: list[str], has_file: Callable[[str], bool]) -> li
     return missing
 
 
-def _worst_first_call(model: ResolvedModel) -> float:
-    return (
-        PROMPT_ALLOWANCE_TOKENS * model.input_per_token
-        + model.max_output_tokens * model.output_per_token
-    )
+def _worst_first_call(loaded: LoadedConfig, model: str, stage: str) -> float:
+    return loaded.worst_call(model, stage, PROMPT_ALLOWANCE_TOKENS)
 
 
 def affordable(loaded: LoadedConfig, slots: list[str], budget_usd: float | None) -> None:
@@ -127,9 +124,9 @@ def affordable(loaded: LoadedConfig, slots: list[str], budget_usd: float | None)
     if budget_usd is None:
         return
     stages = loaded.config.stages
-    planner = _worst_first_call(loaded.model(stages.planner.model))
-    builder = max(_worst_first_call(loaded.model(m)) for m in slots)
-    reviews = sum(_worst_first_call(loaded.model(r.model)) for r in stages.reviewers)
+    planner = _worst_first_call(loaded, stages.planner.model, "plan")
+    builder = max(_worst_first_call(loaded, m, "build") for m in slots)
+    reviews = sum(_worst_first_call(loaded, r.model, "review") for r in stages.reviewers)
     need = planner + builder + reviews
     if need > budget_usd:
         raise BudgetExceeded(

@@ -11,6 +11,12 @@ cache price ≤ the input price. That estimate (UTF-8 bytes of the request plus 
 meant to bound what a provider can bill: `test_cap_holds_when_prompt_tokens_are_counted_for_real`
 checks it against a real tokenizer.
 
+`test_random_budgets_billed_by_the_server` does not trust flow's ledger at all: the test
+server bills every request by its own token count (bytes / 4), at its own long-prompt tier,
+including requests whose client was cancelled in flight, replies without usage, hung and
+truncated replies, and reports that count as the reply's usage, as a real provider does. The
+caps are compared with what the server billed, and flow must never book less than it.
+
 Scripted calls never yield to the event loop, so each Door's calls run in a thread of its own
 (its own loop, one shared Ledger and batch Cap) to make reservations really overlap; the HTTP
 cases overlap inside one loop, as a batch does, with a shared Limiter.
@@ -42,7 +48,7 @@ from orchestrator.llm.messages import Completion, Message, ToolCall, ToolSpec, U
 from orchestrator.llm.quirks import DEFAULTS as DEFAULT_QUIRKS
 from orchestrator.llm.scripted import ScriptedModel
 from orchestrator.testing import ChatServer, ServerReply, scripted_handler
-from orchestrator.testing.server import error_body
+from orchestrator.testing.server import error_body, server_tokens
 
 SCRIPTED_CASES = 400
 HTTP_CASES = 40
@@ -200,7 +206,7 @@ def build_case(seed: int, http: bool, base_url: str | None) -> Case:
             tag = f"[call {cid} p={p} k={k} c={completion} fail={fail}]"
             messages, tools = conversation(rng, tag)
             estimate = wire.estimate_tokens(messages, tools)
-            worst = estimate * rm.input_per_token + rm.max_output_tokens * rm.output_per_token
+            worst = loaded.worst_call("m", "build", estimate)
             calls.append(Call(cid, n, messages, tools, fail, estimate, worst))
     rng.shuffle(calls)
     typical = sum(c.worst for c in calls) / len(calls)
@@ -285,7 +291,8 @@ def check_call(case: Case, call: Call, rows: list[CallRow]) -> None:
     result = call.result
     if isinstance(result, BudgetExceeded):
         case.counts["refused"] += 1
-        assert rows == [], "a refused call reached the model or was billed"
+        # Refused before it was sent, or (a retry) after attempts that failed unbilled.
+        assert all(r.outcome == "retry" and r.cost_usd == 0 for r in rows), rows
         per_call = "per-call" in str(result)
         assert per_call == (case.per_call is not None and call.worst > case.per_call)
         return
@@ -314,19 +321,20 @@ def check_call(case: Case, call: Call, rows: list[CallRow]) -> None:
     case.counts["retry rows"] += len(retries)
 
 
-def refusal_was_due(case: Case, call: Call) -> bool:
-    """Even if every other call that went ahead held its worst case at once, this one cannot fit."""
+def refusal_was_due(case: Case, call: Call, rows: list[CallRow]) -> bool:
+    """A call waits for other calls' reservations to settle and is refused only when a cap
+    cannot hold it: its worst case is more than the cap's limit minus what was spent, and
+    spend only grows, so it is more than what was left at the very end too."""
     if case.per_call is not None and call.worst > case.per_call:
         return True
-    admitted = [c for c in case.calls if c is not call and not isinstance(c.result, BudgetExceeded)]
-    run_cap = case.run_caps[call.door]
-    batch_room = case.batch.limit_usd - case.prespent - sum(c.worst for c in admitted)
+    batch_room = case.batch.limit_usd - case.prespent - sum(r.cost_usd for r in rows)
     if call.worst > batch_room + EPS:
         return True
+    run_cap = case.run_caps[call.door]
     if run_cap is None:
         return False
-    run_room = run_cap.limit_usd - sum(c.worst for c in admitted if c.door == call.door)
-    return call.worst > run_room + EPS
+    spent = sum(r.cost_usd for r in rows if r.run_id == f"run-{call.door}")
+    return call.worst > run_cap.limit_usd - spent + EPS
 
 
 def check_case(case: Case, ledger: Ledger) -> None:
@@ -341,7 +349,7 @@ def check_case(case: Case, ledger: Ledger) -> None:
     assert by_key == {}, "ledger rows that belong to no call"
     for call in case.calls:
         if isinstance(call.result, BudgetExceeded):
-            assert refusal_was_due(case, call), f"call {call.cid} was refused with room left"
+            assert refusal_was_due(case, call, rows), f"call {call.cid} was refused with room left"
     assert {r.outcome for r in rows} <= {"ok", "retry", "error"}
 
     spent = [
@@ -425,28 +433,221 @@ async def test_random_budgets_scripted(tmp_path: Path, fine_switching: None) -> 
     assert total["refused"] > 100 and total["ok"] > 300 and total["failed"] > 100
 
 
-async def test_random_budgets_over_http(tmp_path: Path) -> None:
-    cases = []
-    server = FaultyServer()
-    with ChatServer(server, latency_s=0.02) as srv:
-        for seed in range(10_000, 10_000 + HTTP_CASES):
-            case = build_case(seed, http=True, base_url=srv.base_url)
-            with Ledger(tmp_path / f"http-{seed}.db") as ledger:
-                await run_http(case, ledger)
-                try:
-                    check_case(case, ledger)
-                    for call in case.calls:  # a refused call never reached the provider
-                        made = server.attempts[call.cid] > 0
-                        assert made != isinstance(call.result, BudgetExceeded), call
-                except AssertionError as err:
-                    raise AssertionError(f"http case seed={seed}: {err}") from err
-            cases.append(case)
-        peak = srv.max_in_flight
-    total = summary("http", cases)
-    assert len(cases) == HTTP_CASES
-    assert total["refused"] > 10 and total["ok"] > 30 and total["failed"] > 10
-    assert total["retry rows"] > 10
-    assert peak > 1  # calls of several runs were in flight together
+BILLED_KINDS = (
+    "none",
+    "none",
+    "none",
+    "none",
+    "400",
+    "429",
+    "500",
+    "nousage",
+    "hang",
+    "trunc",
+    "cancel",
+)
+
+
+class BillingServer:
+    """Replies for the server-billed cases: each request's plan says how its attempts fail.
+
+    `hangxN`/`truncxN`: the first N attempts hang until the client gives up, or send half a
+    body; `nousage`: a 200 reply without usage; `cancel`: the request is held until the test
+    has cancelled the call that sent it (then answered and billed, as a provider would)."""
+
+    def __init__(self) -> None:
+        self.ok = scripted_handler({MODEL_ID: ScriptedModel(MODEL_ID, brain)})
+        self.attempts: Counter[str] = Counter()
+        self.arrived: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = {}
+        self.release: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, request: dict[str, Any]) -> dict[str, Any] | ServerReply:
+        found = PLAN.search(str(request.get("messages")))
+        assert found is not None
+        cid, fail = found.group(1), found.group(5)
+        with self._lock:
+            self.attempts[cid] += 1
+            n = self.attempts[cid]
+        kind, _, times = fail.partition("x")
+        if kind == "400":
+            return ServerReply(400, error_body("invalid request"))
+        if kind == "429" and n <= int(times):
+            return ServerReply(
+                429, error_body("slow down", "rate_limit_exceeded"), {"Retry-After": "0.01"}
+            )
+        if kind == "500" and n <= int(times):
+            return ServerReply(500, error_body("internal", "server_error"))
+        if kind == "hang" and n <= int(times):
+            return ServerReply(200, fault="hang")
+        if kind == "trunc" and n <= int(times):
+            return ServerReply(200, self.ok(request), fault="truncate")  # type: ignore[arg-type]
+        reply = self.ok(request)
+        assert isinstance(reply, dict)
+        if kind == "nousage":
+            reply["usage"] = None
+        if kind == "cancel" and n == 1:
+            loop, arrived = self.arrived[cid]
+            loop.call_soon_threadsafe(lambda: arrived.done() or arrived.set_result(None))
+            self.release[cid].wait(10)  # the provider keeps working after the client left
+        return reply
+
+
+def billed_case(seed: int, base_url: str) -> Case:
+    """A randomized case whose calls fail in the ways a real provider bills differently."""
+    case = build_case(seed, http=True, base_url=base_url)
+    rng = random.Random(seed * 7 + 1)
+    for call in case.calls:
+        kind = rng.choice(BILLED_KINDS)
+        fail = "none" if kind in ("none", "nousage", "cancel") else kind
+        if kind in ("429", "500", "hang", "trunc"):
+            fail = f"{kind}x{rng.randint(1, case.retries + 1)}"
+        elif kind in ("nousage", "cancel", "400"):
+            fail = kind
+        tag = PLAN.search(call.messages[-1].content or "")
+        assert tag is not None
+        old = tag.group(0)
+        new = old.replace(f"fail={tag.group(5)}", f"fail={fail}")
+        text = (call.messages[-1].content or "").replace(old, new)
+        call.messages[-1] = Message.user(text)
+        call.fail = fail
+    return case
+
+
+def tiered(case: Case, rng: random.Random, base_url: str) -> tuple[int, float, float] | None:
+    """Sometimes a long-prompt tier, in the server's bill and in flow's config alike."""
+    rm = case.loaded.model("m")
+    if rng.random() < 0.6:
+        return None
+    above = rng.randint(50, 1500)
+    inp = rm.input_per_token * rng.uniform(1.0, 3.0)
+    out = rm.output_per_token * rng.uniform(1.0, 3.0)
+    data = case.loaded.config.model_dump(exclude_defaults=True)
+    model = data["models"]["m"]
+    model["price"]["tiers"] = [{"above_tokens": above, "input": inp * 1e6, "output": out * 1e6}]
+    data["providers"]["local"]["base_url"] = base_url
+    case.loaded = parse_config(data)
+    for call in case.calls:
+        call.worst = case.loaded.worst_call("m", "build", call.estimate)
+    return above, inp, out
+
+
+async def run_billed(case: Case, ledger: Ledger, server: BillingServer) -> None:
+    opened = doors(case, ledger)
+    loop = asyncio.get_running_loop()
+
+    async def one(call: Call) -> None:
+        if call.fail != "cancel":
+            await complete(opened[call.door], call)
+            return
+        arrived: asyncio.Future[None] = loop.create_future()
+        server.arrived[call.cid] = (loop, arrived)
+        server.release[call.cid] = threading.Event()
+        task = asyncio.ensure_future(complete(opened[call.door], call))
+        await asyncio.wait({task, arrived}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():  # in flight: the user pressed Ctrl-C
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            call.result = asyncio.CancelledError()
+        server.release[call.cid].set()
+
+    await asyncio.gather(*(one(c) for c in case.calls))
+
+
+def server_bill(srv: ChatServer, case: Case) -> dict[str, float]:
+    """What the server billed per call (by the plan tag each request carries)."""
+    out: Counter[str] = Counter()
+    for request, amount in srv.bill_of:
+        found = PLAN.search(str(request.get("messages")))
+        assert found is not None
+        out[found.group(1)] += amount
+    return dict(out)
+
+
+async def test_random_budgets_billed_by_the_server(tmp_path: Path) -> None:
+    """The caps hold against what the provider bills by its own count: its own tokenizer,
+    long-prompt tiers, requests cancelled in flight, replies without usage, hung and cut-off
+    replies; flow's ledger is never the oracle. Refused calls waited for room first."""
+    total: Counter[str] = Counter()
+    over = 0.0
+    for seed in range(10_000, 10_000 + HTTP_CASES):
+        server = BillingServer()
+        rng = random.Random(seed)
+        case = billed_case(seed, "http://127.0.0.1:9")  # the real address is set below
+        rm = case.loaded.model("m")
+        prices = (rm.input_per_token, rm.output_per_token)
+        with ChatServer(server, latency_s=0.01, own_usage=True, prices=prices) as srv:
+            data = case.loaded.config.model_dump(exclude_defaults=True)
+            data["providers"]["local"].update(base_url=srv.base_url, timeout_s=0.5)
+            case.loaded = parse_config(data)
+            srv.tier = tiered(case, rng, srv.base_url)
+            total["tiered cases"] += srv.tier is not None
+            with Ledger(tmp_path / f"billed-{seed}.db") as ledger:
+                await run_billed(case, ledger, server)
+                rows = ledger.rows()
+            assert srv.wait_idle(), "a request was still being worked on"
+        bills = server_bill(srv, case)
+        if srv.tier is not None:  # requests the server billed at its long-prompt prices
+            above = srv.tier[0]
+            total["tier hits"] += sum(
+                server_tokens([r.get("system"), r.get("messages"), r.get("tools")]) > above
+                for r, _ in srv.bill_of
+            )
+        try:
+            check_billed(case, rows, bills)
+        except AssertionError as err:
+            raise AssertionError(f"billed case seed={seed}: {err}") from err
+        billed = sum(bills.values())
+        over = max(over, case.prespent + billed - case.batch.limit_usd)
+        total.update(case.counts)
+        total["billed cents"] += round(billed * 100)
+    print(
+        f"\nserver-billed: {HTTP_CASES} cases, "
+        + ", ".join(f"{k} {v}" for k, v in sorted(total.items()))
+    )
+    assert over <= EPS
+    assert total["refused"] > 10 and total["ok"] > 30 and total["cancelled"] > 5
+    assert total["no usage"] > 5 and total["tier hits"] > 5 and total["billed failures"] > 5
+
+
+def check_billed(case: Case, rows: list[CallRow], bills: dict[str, float]) -> None:
+    rm = case.loaded.model("m")
+    keys = {
+        call.cid: request_key(
+            f"run-{call.door}", "build/", rm.name, call.messages, call.tools, None
+        )
+        for call in case.calls
+    }
+    by_key: dict[str | None, list[CallRow]] = {}
+    for row in rows:
+        by_key.setdefault(row.request_key, []).append(row)
+    per_run: Counter[int] = Counter()
+    for call in case.calls:
+        mine = by_key.get(keys[call.cid], [])
+        billed = bills.get(call.cid, 0.0)
+        per_run[call.door] += billed
+        booked = sum(r.cost_usd for r in mine)
+        # flow never books less than the provider billed: the caps count real money.
+        assert booked + EPS >= billed, (call, billed, mine)
+        if isinstance(call.result, BudgetExceeded):
+            case.counts["refused"] += 1
+            assert refusal_was_due(case, call, rows), f"{call.cid} was refused with room left"
+        elif isinstance(call.result, asyncio.CancelledError):
+            case.counts["cancelled"] += 1
+            assert [r.outcome for r in mine][-1] == "cancelled"
+        elif isinstance(call.result, Completion):
+            case.counts["ok"] += 1
+        if call.fail == "nousage" and isinstance(call.result, Completion):
+            case.counts["no usage"] += 1
+            assert any("without usage" in (r.error or "") for r in mine), mine
+            assert call.result.cost_usd >= max(billed, 0.99 * call.worst)  # its worst case
+        if billed and not isinstance(call.result, Completion):
+            case.counts["billed failures"] += 1
+    assert sum(per_run.values()) + case.prespent <= case.batch.limit_usd + EPS
+    for n, cap in enumerate(case.run_caps):
+        if cap is not None:
+            assert per_run[n] <= cap.limit_usd + EPS, (n, per_run[n], cap)
+    assert case.batch.reserved_usd == 0
 
 
 def tiktoken_usage(messages: list[Message], tools: list[ToolSpec], choice: str | None) -> object:

@@ -77,9 +77,19 @@ def falls_back(err: ProviderError) -> bool:
 
 
 class _Sent:
-    """Set once a request has left for the provider (past its slot)."""
+    """One attempt: its reservation (taken after the provider slot) and whether the request
+    left for the provider."""
 
-    value = False
+    def __init__(self, worst: float):
+        self.worst = worst
+        self.value = False
+        self.reservation: Reservation | None = None
+
+    def settle(self, amount: float) -> None:
+        """Book the attempt's cost against its reservation (once; nothing if none was taken)."""
+        if self.reservation is not None:
+            self.reservation.settle(amount)
+            self.reservation = None
 
 
 def vendor_of(litellm_model: str) -> str:
@@ -90,13 +100,23 @@ def vendor_of(litellm_model: str) -> str:
 
 
 def cost_of(rm: ResolvedModel, usage: Usage) -> float:
-    """USD from our own prices: cached prompt tokens at the cache-read price."""
+    """USD of a reply: litellm's own calculation for a model priced from its map (it knows
+    size tiers), else our prices, cached prompt tokens at the cache-read price."""
     cached = min(usage.cached_tokens, usage.prompt_tokens)
-    return (
-        (usage.prompt_tokens - cached) * rm.input_per_token
-        + cached * rm.cached_per_token
-        + usage.completion_tokens * rm.output_per_token
-    )
+    if rm.price_source == "litellm":
+        known = wire.litellm_cost(
+            rm.litellm_model, usage.prompt_tokens, cached, usage.completion_tokens
+        )
+        if known is not None:
+            return known
+    inp, out, cache = rm.prices_for(usage.prompt_tokens)
+    return (usage.prompt_tokens - cached) * inp + cached * cache + usage.completion_tokens * out
+
+
+def uses_tokenizer(rm: ResolvedModel) -> bool:
+    """OpenAI's own models, reached through litellm: tiktoken's encodings ship with litellm,
+    so their prompts are counted rather than bounded by bytes."""
+    return rm.api == "litellm" and vendor_of(rm.litellm_model) in ("openai", "azure")
 
 
 def _api_base(rm: ResolvedModel) -> str | None:
@@ -210,9 +230,22 @@ class Door:
                 return stored.model_copy(update={"cost_usd": 0.0})
         return await self._attempts(rm, key, messages, stage, tools, tool_choice, rkey)
 
-    def _reserve(self, worst: float) -> Reservation | None:
-        """Hold the worst case against every cap, or raise BudgetExceeded: no call is made."""
-        return self.budget.reserve(worst) if self.budget is not None else None
+    def output_tokens(self, rm: ResolvedModel, stage: str) -> int:
+        """The output limit sent with a call: the stage's cap, never above the model's."""
+        if rm.name not in self.loaded.models:
+            return rm.max_output_tokens
+        return self.loaded.output_tokens(rm.name, stage)
+
+    def worst_case(
+        self,
+        rm: ResolvedModel,
+        messages: list[Message],
+        tools: list[ToolSpec] | None,
+        stage: str,
+    ) -> float:
+        """What one attempt may cost at most: reserved before it is sent."""
+        prompt = wire.prompt_bound(rm.litellm_model, uses_tokenizer(rm), messages, tools, rm.quirks)
+        return rm.worst_cost(prompt, self.output_tokens(rm, stage))
 
     async def _attempts(
         self,
@@ -231,61 +264,46 @@ class Door:
         whatever the provider charges for work it did but never delivered.
         """
         provider = self._provider(rm)
-        prompt_price = max(rm.input_per_token, rm.cached_per_token)
-        worst = (
-            wire.estimate_tokens(messages, tools, rm.quirks) * prompt_price
-            + rm.max_output_tokens * rm.output_per_token
-        )
-        reservation = self._reserve(worst)
+        worst = self.worst_case(rm, messages, tools, stage)
+        max_out = self.output_tokens(rm, stage)
         attempt = 0
-        try:
-            while True:
-                sent = _Sent()
-                try:
-                    message, usage = await self._call_once(
-                        rm, provider, key, messages, tools, tool_choice, sent
-                    )
-                except asyncio.CancelledError:
-                    # A request on the wire is billed by the provider whether or not we read
-                    # the reply; only one still waiting for its slot was provably never sent.
-                    charge = worst if sent.value and not rm.scripted else 0.0
-                    if reservation is not None:
-                        reservation.settle(charge)
-                        reservation = None
-                    note = "cancelled in flight; counted at its worst case" if charge else None
-                    self._log(rm, stage, "cancelled", Usage(), charge, rkey, note or "cancelled")
-                    raise
-                except Exception as exc:
-                    failure = None if rm.scripted else wire.classify(exc)
-                    if failure is None:
-                        raise
-                    charge = worst if failure.maybe_billed else 0.0
-                    if reservation is not None:
-                        reservation.settle(charge)
-                        reservation = None
-                    await self._failed(rm, provider, stage, rkey, failure, attempt, charge)
-                    reservation = self._reserve(worst)  # the retry needs room of its own
-                    attempt += 1
-                    continue
-                cost = cost_of(rm, usage)
-                note = None
-                if not rm.scripted and not usage.prompt_tokens and not usage.completion_tokens:
-                    # No usage in the reply (gateways, local servers): the provider's bill is
-                    # unknown, so it is counted at the worst case the request allowed.
-                    cost = worst
-                    note = f"reply without usage; counted at its worst case, ${worst:.6f}"
-                if reservation is not None:
-                    reservation.settle(cost)
-                    reservation = None
-                completion = Completion(message=message, usage=usage, cost_usd=cost, model=rm.name)
-                # The ledger write (an fsync) happens off the event loop all runs share.
-                await asyncio.to_thread(
-                    self._log, rm, stage, "ok", usage, cost, rkey, note, completion
+        while True:
+            sent = _Sent(worst)
+            try:
+                message, usage = await self._call_once(
+                    rm, provider, key, messages, tools, tool_choice, sent, max_out
                 )
-                return completion
-        finally:
-            if reservation is not None:
-                reservation.settle(0.0)
+            except asyncio.CancelledError:
+                # A request on the wire is billed by the provider whether or not we read
+                # the reply; only one still waiting for its slot was provably never sent.
+                charge = worst if sent.value and not rm.scripted else 0.0
+                sent.settle(charge)
+                note = "cancelled in flight; counted at its worst case" if charge else None
+                self._log(rm, stage, "cancelled", Usage(), charge, rkey, note or "cancelled")
+                raise
+            except Exception as exc:
+                failure = None if rm.scripted else wire.classify(exc)
+                if failure is None:
+                    # Not a provider failure (a reply we could not read): billed if it was sent.
+                    sent.settle(worst if sent.value and not rm.scripted else 0.0)
+                    raise
+                charge = worst if failure.maybe_billed and sent.value else 0.0
+                sent.settle(charge)
+                await self._failed(rm, provider, stage, rkey, failure, attempt, charge)
+                attempt += 1  # the retry reserves room of its own, after its slot
+                continue
+            cost = cost_of(rm, usage)
+            note = None
+            if not rm.scripted and not usage.prompt_tokens and not usage.completion_tokens:
+                # No usage in the reply (gateways, local servers): the provider's bill is
+                # unknown, so it is counted at the worst case the request allowed.
+                cost = worst
+                note = f"reply without usage; counted at its worst case, ${worst:.6f}"
+            sent.settle(cost)
+            completion = Completion(message=message, usage=usage, cost_usd=cost, model=rm.name)
+            # The ledger write (an fsync) happens off the event loop all runs share.
+            await asyncio.to_thread(self._log, rm, stage, "ok", usage, cost, rkey, note, completion)
+            return completion
 
     async def _failed(
         self,
@@ -326,14 +344,17 @@ class Door:
         tools: list[ToolSpec] | None,
         tool_choice: str | None,
         sent: _Sent,
+        max_out: int,
     ) -> tuple[Message, Usage]:
         if rm.scripted:
+            await self._hold(sent)
+            sent.value = True
             return self._script(rm).reply(messages, tools, tool_choice)
         quirks = rm.quirks
         kwargs: dict[str, object] = {
             "model": rm.litellm_model,
             "messages": wire.messages_to_wire(messages, quirks),
-            **wire.limit_params(quirks, rm.max_output_tokens),
+            **wire.limit_params(quirks, max_out),
             "timeout": provider.timeout_s,
             "num_retries": 0,  # retries happen here, where the budget and ledger can see them
             "drop_params": True,
@@ -351,9 +372,18 @@ class Door:
             kwargs["api_key"] = key
         await wire.warm_up()
         async with self.limiter.slot(self.bucket(rm)):
+            # Reserve only once the slot is ours: a call queued for a slot holds no money
+            # that a call ready to go could use.
+            await self._hold(sent)
             sent.value = True  # from here on the provider may have the request
             response = await wire.acompletion(**kwargs)
         return wire.response_from_wire(response)
+
+    async def _hold(self, sent: _Sent) -> None:
+        """Reserve the attempt's worst case, waiting while other calls' reservations fill the
+        room; BudgetExceeded only when a cap cannot hold it even once they settle."""
+        if self.budget is not None:
+            sent.reservation = await self.budget.wait_reserve(sent.worst)
 
     def _delay(self, failure: wire.Failure, attempt: int) -> float:
         if failure.retry_after is not None:

@@ -270,6 +270,50 @@ def estimate_tokens(
     return size + PER_MESSAGE_TOKENS * len(messages) + REQUEST_OVERHEAD_TOKENS
 
 
+TOKENIZER_MARGIN = 1.10
+"""A tokenizer's count is multiplied by this (plus the per-message allowances) before it is
+used as a bound: the provider adds framing (roles, the tool schema's rendering) that a count
+of the JSON we send does not see exactly."""
+
+
+def prompt_bound(
+    litellm_model: str,
+    tokenizer: bool,
+    messages: list[Message],
+    tools: list[ToolSpec] | None,
+    quirks: ResolvedQuirks = DEFAULTS,
+) -> int:
+    """The prompt tokens a call may be billed for: its model's own tokenizer (with a margin)
+    where litellm has it offline, never more than the byte bound of `estimate_tokens`."""
+    bound = estimate_tokens(messages, tools, quirks)
+    if not tokenizer:
+        return bound
+    try:
+        litellm = _load_litellm()
+        sent = tools_to_wire(tools, quirks) if tools else None
+        counted = litellm.token_counter(
+            model=litellm_model, messages=messages_to_wire(messages, quirks), tools=sent
+        )
+    except Exception:  # no tokenizer after all: the byte bound holds for any tokenizer
+        return bound
+    margin = int(counted * TOKENIZER_MARGIN) + 1
+    return min(bound, margin + PER_MESSAGE_TOKENS * len(messages) + REQUEST_OVERHEAD_TOKENS)
+
+
+def litellm_cost(litellm_model: str, prompt: int, cached: int, completion: int) -> float | None:
+    """litellm's own price of a reply (size tiers included), or None if it cannot say."""
+    try:
+        inp, out = _load_litellm().cost_per_token(
+            model=litellm_model,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cache_read_input_tokens=cached,
+        )
+    except Exception:
+        return None
+    return float(inp) + float(out)
+
+
 def _load_litellm() -> Any:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")

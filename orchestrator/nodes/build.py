@@ -55,9 +55,7 @@ def _not_started(ctx: Context, task: BuildTask) -> dict[str, object]:
     """Enough candidates passed before this builder's turn came: it never starts."""
     model = ctx.config.model(task.model)
     turns = ctx.config.config.builder.max_turns
-    per_turn = model.max_output_tokens * model.output_per_token
-    if model.context_window:
-        per_turn += model.context_window * max(model.input_per_token, model.cached_per_token)
+    per_turn = ctx.config.worst_call(task.model, "build", model.context_window or 0)
     bound = (
         f"it would have cost at most {usd(turns * per_turn)} ({turns} turns at their worst case)"
         if model.context_window or not (model.input_per_token or model.cached_per_token)

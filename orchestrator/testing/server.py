@@ -15,7 +15,12 @@ With `prices` the server keeps its own bill, as a provider would, independent of
 it reports: `server_tokens` counts what it received and sent, every request that reached a
 handler is billed (a reply without usage too), and one whose reply never arrived whole (hang,
 reset, truncate: the client gave up or was cut off) is billed at the output the request
-allowed, since the provider would have generated it. Tests compare `billed_usd` with caps.
+allowed, since the provider would have generated it. Output is never billed past the
+request's own output limit, as no provider generates past it. `tier` (above_tokens, input,
+output) bills a prompt of more than `above_tokens` at the higher prices, as long-context
+models do. With `own_usage` the server reports its own count as the reply's `usage` (a real
+provider's usage is its bill), unless the handler left usage out on purpose (`usage: None`).
+Tests compare `billed_usd` with caps.
 """
 
 from __future__ import annotations
@@ -188,7 +193,11 @@ class _RequestHandler(BaseHTTPRequestHandler):
         except json.JSONDecodeError:
             self._send(ServerReply(400, owner.error("request body is not JSON")))
             return
-        self._send(owner.serve(request))
+        reply = owner.serve(request)
+        try:
+            self._send(reply)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (cancelled)
+            self.close_connection = True
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -209,10 +218,16 @@ class ChatServer:
         max_concurrency: int | None = None,
         retry_after_s: float = 1.0,
         prices: tuple[float, float] | None = None,
+        tier: tuple[int, float, float] | None = None,
+        own_usage: bool = False,
     ):
         self.handler = handler
         self.prices = prices
         """USD per input and per output token for the server's own bill."""
+        self.tier = tier
+        self.own_usage = own_usage
+        self.bill_of: list[tuple[dict[str, Any], float]] = []
+        """Each billed request with what it was billed, in billing order."""
         self.billed_usd = 0.0
         self.bills: list[float] = []
         self.rules = list(rules)
@@ -228,6 +243,7 @@ class ChatServer:
         self.max_in_flight = 0
         self._in_flight = 0
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self.stopping = threading.Event()
         """Set when the server stops; hung replies wait for it."""
         self._httpd: _HTTPServer | None = None
@@ -283,13 +299,29 @@ class ChatServer:
         prompt = server_tokens(
             [request.get("system"), request.get("messages"), request.get("tools")]
         )
+        allowed = _allowed_output(request)
         if reply.fault is not None or not isinstance(reply.body, dict):
-            output = _allowed_output(request)
+            output = allowed
         else:
             output = server_tokens(reply.body.get("choices") or reply.body.get("content"))
-        amount = prompt * self.prices[0] + output * self.prices[1]
+            output = min(output, allowed) if allowed else output
+            if (
+                self.own_usage
+                and self.protocol == "openai"
+                and reply.body.get("usage", {}) is not None
+            ):
+                reply.body["usage"] = {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": output,
+                    "total_tokens": prompt + output,
+                }
+        inp, out = self.prices
+        if self.tier is not None and prompt > self.tier[0]:
+            inp, out = self.tier[1], self.tier[2]
+        amount = prompt * inp + output * out
         with self._lock:
             self.bills.append(amount)
+            self.bill_of.append((request, amount))
             self.billed_usd += amount
 
     def serve(self, request: dict[str, Any]) -> ServerReply:
@@ -329,6 +361,13 @@ class ChatServer:
         finally:
             with self._lock:
                 self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.notify_all()
+
+    def wait_idle(self, timeout_s: float = 10.0) -> bool:
+        """Wait until no request is being worked on (each one's bill is then written)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._in_flight, timeout=timeout_s)
 
 
 # ---- provider rules (OpenAI-compatible endpoints) ------------------------------------------
