@@ -161,6 +161,13 @@ def preflight(
         raise WorkspaceError(
             f"{spec.path}: base: {err}; set `base:` to a branch, tag or commit of the repository"
         ) from None
+    absent, remote = repo.missing_objects(base_sha)
+    if absent:
+        raise WorkspaceError(
+            f"{repo.root} is a partial clone: {absent} objects of the base {base_sha[:12]} were "
+            "never downloaded, so builders would see files missing; download them with\n"
+            f"  git -c remote.{remote}.partialclonefilter=blob:limit=1g fetch --refetch {remote}"
+        )
     missing = missing_programs(spec.checks, lambda path: repo.has_file(base_sha, path))
     if missing:
         raise WorkspaceError(

@@ -235,6 +235,34 @@ class Repo:
         out = _run(self.root, ("ls-tree", "-r", "-z", "--name-only", sha, "--"))
         return [p for p in out.stdout.decode("utf-8", "surrogateescape").split("\0") if p]
 
+    def missing_objects(self, sha: str) -> tuple[int, str]:
+        """How many objects of commit `sha` a partial clone has not downloaded (0 for a full
+        clone), and its promisor remote; git is told not to fetch them while counting."""
+        promisor = _run(
+            self.root, ("config", "--get-regexp", r"^remote\..*\.promisor$"), check=False
+        )
+        remotes = [
+            line.split()[0].removeprefix("remote.").removesuffix(".promisor")
+            for line in _text(promisor).splitlines()
+            if line.split()[-1].lower() == "true"
+        ]
+        if not remotes:
+            return 0, ""
+        proc = _run(
+            self.root,
+            (
+                "rev-list",
+                "--objects",
+                "--no-walk",
+                "--missing=print",
+                "--no-object-names",
+                sha,
+                "--",
+            ),
+            env={"GIT_NO_LAZY_FETCH": "1"},
+        )
+        return sum(1 for line in proc.stdout.split(b"\n") if line.startswith(b"?")), remotes[0]
+
     def blob_at(self, sha: str, path: str) -> bytes | None:
         """The bytes of `path` at commit `sha`, or None where it does not exist."""
         proc = _run(self.root, ("cat-file", "blob", f"{sha}:{path}"), check=False)

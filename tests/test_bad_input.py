@@ -334,3 +334,41 @@ def test_repository_path_with_spaces(tmp_path: Path) -> None:
     demo = prepare_demo(spaced)
     assert " " in str(demo.repo)
     assert ok_run(run_args(demo), demo.repo, tmp_path)["branch"] == "flow/add-median"
+
+
+def test_a_partial_clone_is_refused_with_the_command_that_completes_it(tmp_path: Path) -> None:
+    """`clone --filter=blob:none` leaves the base's files undownloaded: builders would get a
+    tree with files missing (or git would fetch them behind flow's back). flow refuses before
+    any model call and names the command; after it, the same run validates."""
+    (tmp_path / "src").mkdir()
+    demo = prepare_demo(tmp_path / "src")
+    git(demo.repo, "config", "uploadpack.allowFilter", "true")
+    clone = tmp_path / "partial"
+    subprocess.run(
+        ["git", "clone", "-q", "--filter=blob:none", f"file://{demo.repo}", str(clone)],
+        check=True,
+    )
+    # the checkout downloaded HEAD's blobs; a fresh base commit with a file never seen here
+    git(demo.repo, "commit", "-q", "--allow-empty", "-m", "noop")
+    (demo.repo / "big.txt").write_text("data\n")
+    git(demo.repo, "add", "big.txt")
+    git(demo.repo, "commit", "-q", "-m", "big")
+    git(clone, "fetch", "-q", "origin")
+    git(clone, "reset", "-q", "--soft", "origin/HEAD")  # HEAD moves, big.txt stays unfetched
+    spec = tmp_path / "spec.md"
+    spec.write_text(demo.spec.read_text())
+    args = ("validate", str(spec), "--config", str(demo.config))
+    with untouched(clone):
+        out = subprocess.run(
+            [sys.executable, "-m", "orchestrator", *args], cwd=clone, capture_output=True, text=True
+        )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "is a partial clone: 1 objects of the base" in out.stderr
+    assert "Traceback" not in out.stderr
+    command = out.stderr.strip().splitlines()[-1].strip()
+    assert command.startswith("git -c remote.origin.partialclonefilter=")
+    subprocess.run(command.split(), cwd=clone, check=True, capture_output=True)
+    again = subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args], cwd=clone, capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
