@@ -30,7 +30,7 @@ from orchestrator.runner import (
     sweep_dead_runs,
 )
 from orchestrator.spec import Spec, load_spec
-from orchestrator.store import BatchItem, BatchRecord, Store, pid_alive
+from orchestrator.store import BatchItem, BatchRecord, Store
 from orchestrator.workspace import Repo
 
 if TYPE_CHECKING:
@@ -101,18 +101,6 @@ def _open(
     options: BatchOptions,
     resume_id: str | None,
 ) -> tuple[BatchRecord, bool]:
-    existing = (
-        store.batch(resume_id) if resume_id else (None if options.new else store.latest_batch(key))
-    )
-    if resume_id and existing is None:
-        raise FlowError(f"no batch {resume_id!r} in this repository; see `flow status`")
-    if existing is not None:
-        if existing.status == "running" and existing.pid != os.getpid() and pid_alive(existing.pid):
-            raise FlowError(f"batch {existing.batch_id} is running in process {existing.pid}")
-        if existing.status == "done":
-            return existing, True  # finished: report it; `--new` starts over
-        store.claim_batch(existing.batch_id, options.model_dump())
-        return existing, True
     rec = BatchRecord(
         batch_id="b-" + new_run_id(),
         key=key,
@@ -132,8 +120,7 @@ def _open(
         )
         for i, s in enumerate(specs)
     ]
-    store.open_batch(rec, items)
-    return rec, False
+    return store.open_or_claim_batch(rec, items, resume_id=resume_id, new=options.new)
 
 
 async def run_batch(

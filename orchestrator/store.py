@@ -220,42 +220,81 @@ class Store:
         return [_run(r) for r in rows]
 
     # batches
-    def open_batch(self, rec: BatchRecord, items: list[BatchItem]) -> None:
+    def open_or_claim_batch(
+        self,
+        fresh: BatchRecord,
+        items: list[BatchItem],
+        *,
+        resume_id: str | None,
+        new: bool,
+    ) -> tuple[BatchRecord, bool]:
+        """The batch to resume (by id, else the latest of `fresh.key` unless `new`), claimed
+        for this process, or `fresh` with its items created; True when resumed.
+
+        One write transaction from the lookup to the claim or insert: two `flow batch`
+        processes started together are serialized, so they cannot both open a batch for the
+        same specs nor both claim an interrupted one; the second finds the first running."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                if resume_id:
+                    rows = self._db.execute(
+                        "SELECT * FROM batches WHERE batch_id=?", (resume_id,)
+                    ).fetchall()
+                    if not rows:
+                        raise FlowError(
+                            f"no batch {resume_id!r} in this repository; see `flow status`"
+                        )
+                elif new:
+                    rows = []
+                else:
+                    rows = self._db.execute(
+                        "SELECT * FROM batches WHERE key=? ORDER BY started DESC LIMIT 1",
+                        (fresh.key,),
+                    ).fetchall()
+                if rows:
+                    existing = _batch(rows[0])
+                    mine = os.getpid()
+                    busy = existing.status == "running" and existing.pid != mine
+                    if busy and pid_alive(existing.pid):
+                        raise FlowError(
+                            f"batch {existing.batch_id} is running in process {existing.pid}"
+                        )
+                    if existing.status != "done":  # done: reported as is; --new starts over
+                        self._db.execute(
+                            "UPDATE batches SET status='running', pid=?, finished=NULL, "
+                            "options_json=? WHERE batch_id=?",
+                            (mine, json.dumps(fresh.options), existing.batch_id),
+                        )
+                        existing = existing.model_copy(update={"status": "running", "pid": mine})
+                    self._db.execute("COMMIT")
+                    return existing, True
                 self._db.execute(
                     "INSERT INTO batches (batch_id, key, config_path, options_json, status, "
                     "started, pid) VALUES (?,?,?,?,?,?,?)",
                     (
-                        rec.batch_id,
-                        rec.key,
-                        rec.config_path,
-                        json.dumps(rec.options),
+                        fresh.batch_id,
+                        fresh.key,
+                        fresh.config_path,
+                        json.dumps(fresh.options),
                         "running",
-                        rec.started,
-                        rec.pid,
+                        fresh.started,
+                        fresh.pid,
                     ),
                 )
                 self._db.executemany(
                     "INSERT INTO batch_items (batch_id, position, spec_path, spec_digest, "
                     "status) VALUES (?,?,?,?,?)",
                     [
-                        (rec.batch_id, i.position, i.spec_path, i.spec_digest, "pending")
+                        (fresh.batch_id, i.position, i.spec_path, i.spec_digest, "pending")
                         for i in items
                     ],
                 )
                 self._db.execute("COMMIT")
+                return fresh, False
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-
-    def claim_batch(self, batch_id: str, options: dict[str, Any]) -> None:
-        self._exec(
-            "UPDATE batches SET status='running', pid=?, finished=NULL, options_json=? "
-            "WHERE batch_id=?",
-            (os.getpid(), json.dumps(options), batch_id),
-        )
 
     def finish_batch(self, batch_id: str, status: str) -> None:
         self._exec(

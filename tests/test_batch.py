@@ -8,6 +8,7 @@ import subprocess
 import sys
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -174,3 +175,72 @@ def test_invalid_spec_stops_the_batch_before_any_work(tmp_path: Path) -> None:
         (demo.repo / ".flow" / "runs").iterdir()
     )
     assert yaml.safe_load(demo.config.read_text())  # config untouched
+
+
+def _opener(path: Path, key: str, n: int) -> tuple[Any, list[Any]]:
+    from orchestrator.store import BatchItem, BatchRecord
+
+    rec = BatchRecord(
+        batch_id=f"b-race-{n}",
+        key=key,
+        config_path=None,
+        options={},
+        status="running",
+        started=float(n),
+        pid=os.getpid(),
+    )
+    items = [
+        BatchItem(
+            batch_id=rec.batch_id, position=0, spec_path="s.md", spec_digest="d", status="pending"
+        )
+    ]
+    return rec, items
+
+
+@pytest.mark.parametrize("existing", ["none", "interrupted"])
+def test_batch_processes_started_together_open_or_claim_one_batch(
+    tmp_path: Path, existing: str
+) -> None:
+    """Issue 8.13: the lookup and the create (or claim) are one write transaction. Both openers
+    are held at the database's write lock until both have started, then race: one batch."""
+    import sqlite3
+    import threading
+
+    from orchestrator.store import Store
+
+    db = tmp_path / "ledger.sqlite"
+    stores = [Store(db), Store(db)]
+    if existing == "interrupted":  # a batch whose process died: both want to resume it
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        rec, items = _opener(db, "key", 9)
+        stores[0].open_or_claim_batch(
+            rec.model_copy(update={"pid": dead.pid}), items, resume_id=None, new=False
+        )
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    ready = threading.Barrier(3)
+    results: list[Any] = [None, None]
+
+    def open_one(n: int) -> None:
+        rec, items = _opener(db, "key", n)
+        ready.wait()
+        try:
+            results[n] = stores[n].open_or_claim_batch(rec, items, resume_id=None, new=False)
+        except Exception as err:
+            results[n] = err
+
+    threads = [threading.Thread(target=open_one, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    holder.execute("COMMIT")
+    for t in threads:
+        t.join()
+    rows = holder.execute("SELECT batch_id FROM batches").fetchall()
+    assert len(rows) == 1, rows  # never two batches for the same specs
+    resumed = sorted(bool(r[1]) for r in results)  # type: ignore[index]
+    assert resumed == ([False, True] if existing == "none" else [True, True])
+    claimed = {r[0].batch_id for r in results}  # type: ignore[index]
+    assert claimed == {rows[0][0]}
+    holder.close()
