@@ -41,7 +41,10 @@ class Provider(_Strict):
     """In-flight requests, shared by every run in the process."""
     window: Window | None = None
     timeout_s: float = Field(default=600.0, gt=0)
-    """Per-request timeout in seconds."""
+    """Per-request timeout in seconds (for a streamed reply: the longest silence)."""
+    stream: Literal["auto", "always", "never"] = "auto"
+    """Stream replies: `auto` streams calls that may generate more than 16,384 tokens, so a
+    long generation is not cut by the timeout and charged as a failure."""
     retries: int = Field(default=3, ge=0)
     """Retries for rate limits and server errors."""
     quirks: Quirks | None = None

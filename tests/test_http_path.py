@@ -233,10 +233,9 @@ async def test_server_side_rejections_are_retried(ledger: Ledger) -> None:
     assert outcomes.count("ok") == 2 and outcomes.count("retry") == srv.rejected
 
 
-def test_server_refuses_streaming_and_unknown_models() -> None:
+def test_server_refuses_unknown_models() -> None:
     with ChatServer(scripted_handler({"glm-4.7": glm()})) as srv:
         for body, status, text in [
-            ({"model": "glm-4.7", "messages": [], "stream": True}, 400, "does not stream"),
             ({"model": "other", "messages": []}, 404, "other"),
         ]:
             req = urllib.request.Request(

@@ -376,8 +376,19 @@ class Door:
             # that a call ready to go could use.
             await self._hold(sent)
             sent.value = True  # from here on the provider may have the request
-            response = await wire.acompletion(**kwargs)
-        return wire.response_from_wire(response)
+            if self._streams(provider, max_out):
+                response, usage_seen = await wire.acompletion_streamed(**kwargs)
+            else:
+                response, usage_seen = await wire.acompletion(**kwargs), True
+        message, usage = wire.response_from_wire(response)
+        return message, usage if usage_seen else Usage()
+
+    @staticmethod
+    def _streams(provider: Provider, max_out: int) -> bool:
+        """Long generations stream (Anthropic-protocol providers are called whole)."""
+        if provider.stream == "never" or provider.api == "anthropic":
+            return False
+        return provider.stream == "always" or max_out > wire.STREAM_ABOVE_TOKENS
 
     async def _hold(self, sent: _Sent) -> None:
         """Reserve the attempt's worst case, waiting while other calls' reservations fill the

@@ -342,6 +342,41 @@ async def acompletion(**kwargs: Any) -> Any:
     return await litellm.acompletion(**kwargs)
 
 
+def _tokens(usage: Any) -> int:
+    return int(getattr(usage, "prompt_tokens", 0) or 0) + int(
+        getattr(usage, "completion_tokens", 0) or 0
+    )
+
+
+STREAM_ABOVE_TOKENS = 16_384
+"""`stream: auto` streams a call whose output limit is above this."""
+
+
+async def acompletion_streamed(**kwargs: Any) -> tuple[Any, bool]:
+    """A streamed call, assembled into one response by litellm; the flag says whether the
+    stream carried usage (litellm fills in its own estimate when it did not, which is not
+    the provider's bill). A stream that stops before its finish reason is a failure."""
+    litellm = _load_litellm()
+    stream = await litellm.acompletion(
+        **kwargs, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = []
+    finished = False
+    async for chunk in stream:
+        chunks.append(chunk)
+        for choice in getattr(chunk, "choices", None) or []:
+            finished = finished or bool(getattr(choice, "finish_reason", None))
+    # litellm puts a usage of its own counting on the last chunk it yields when the provider
+    # sent none; what the provider sent is in the wrapper's record of received chunks.
+    received = getattr(stream, "chunks", None)
+    usage_seen = any(
+        _tokens(getattr(c, "usage", None)) > 0 for c in (chunks if received is None else received)
+    )
+    if not chunks or not finished:
+        raise MalformedResponse("the provider's stream ended before the reply was complete")
+    return litellm.stream_chunk_builder(chunks, messages=kwargs.get("messages")), usage_seen
+
+
 @dataclass(frozen=True)
 class Failure:
     """What the door needs to know about a provider failure."""
@@ -388,6 +423,15 @@ def parse_retry_after(headers: Any, now: float | None = None) -> float | None:
     if seconds is None or math.isnan(seconds):
         return None
     return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
+
+
+_CUT_OFF = (
+    "connection error",
+    "peer closed connection",
+    "incomplete chunked read",
+    "payload is not completed",
+    "midstreamfallbackerror",  # litellm: a stream that failed after it began
+)
 
 
 def classify(exc: BaseException) -> Failure | None:
@@ -438,6 +482,7 @@ def classify(exc: BaseException) -> Failure | None:
         auth=status in AUTH_STATUSES,
         retry_after=retry_after,
         message=message,
-        # litellm reports a connection dropped mid-reply (reset, truncated body) as a 500.
-        maybe_billed="connection error" in message.lower(),
+        # litellm reports a connection dropped mid-reply (reset, truncated body or stream)
+        # as a 500: the provider did, and billed, the work.
+        maybe_billed=any(words in message.lower() for words in _CUT_OFF),
     )

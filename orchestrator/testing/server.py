@@ -50,6 +50,8 @@ class ServerReply:
     fault: Literal["hang", "reset", "truncate"] | None = None
     """hang: never answer (until the server stops); reset: drop the connection with a TCP
     reset before answering; truncate: promise the whole body, send half, close."""
+    events: list[bytes] | None = None
+    """A streamed reply's events, sent `stream_gap_s` apart (the body is all of them)."""
 
 
 def server_tokens(value: Any) -> int:
@@ -69,6 +71,38 @@ def _allowed_output(request: dict[str, Any]) -> int:
         if isinstance(value, int):
             return value
     return 0
+
+
+def sse_events(body: dict[str, Any], include_usage: bool) -> list[bytes]:
+    """A chat completion as the server-sent events of a streamed reply: the content in
+    pieces, each tool call in two (name, then its arguments), the finish reason, the usage
+    when the request asked for it (and the reply has one), then [DONE]."""
+    base = {k: body.get(k) for k in ("id", "created", "model")}
+    base["object"] = "chat.completion.chunk"
+    choice = (body.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+    if message.get("reasoning_content"):
+        deltas.append({"reasoning_content": message["reasoning_content"]})
+    text = message.get("content") or ""
+    deltas += [{"content": text[i : i + 64]} for i in range(0, len(text), 64)]
+    for i, call in enumerate(message.get("tool_calls") or []):
+        fn = call.get("function") or {}
+        head = {"index": i, "id": call.get("id"), "type": "function"}
+        deltas.append(
+            {"tool_calls": [{**head, "function": {"name": fn.get("name"), "arguments": ""}}]}
+        )
+        deltas.append(
+            {"tool_calls": [{"index": i, "function": {"arguments": fn.get("arguments", "")}}]}
+        )
+    chunks = [
+        {**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas
+    ]
+    finish = choice.get("finish_reason") or "stop"
+    chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+    if include_usage and body.get("usage"):
+        chunks.append({**base, "choices": [], "usage": body["usage"]})
+    return [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]
 
 
 Handler = Callable[[dict[str, Any]], "dict[str, Any] | ServerReply"]
@@ -166,11 +200,19 @@ class _RequestHandler(BaseHTTPRequestHandler):
         else:
             data = body
         self.send_response(reply.status)
-        headers = {"Content-Type": "application/json", **reply.headers}
+        headers = {"Content-Type": "application/json"}
+        headers.update(reply.headers)
         for key, value in headers.items():
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
+        gap = self.server.owner.stream_gap_s
+        if reply.events and gap and reply.fault is None:
+            for event in reply.events:  # the model generating as it goes
+                self.wfile.write(event)
+                self.wfile.flush()
+                time.sleep(gap)
+            return
         if reply.fault == "truncate":
             self.wfile.write(data[: len(data) // 2])
             self.wfile.flush()
@@ -220,11 +262,13 @@ class ChatServer:
         prices: tuple[float, float] | None = None,
         tier: tuple[int, float, float] | None = None,
         own_usage: bool = False,
+        stream_gap_s: float = 0.0,
     ):
         self.handler = handler
         self.prices = prices
         """USD per input and per output token for the server's own bill."""
         self.tier = tier
+        self.stream_gap_s = stream_gap_s
         self.own_usage = own_usage
         self.bill_of: list[tuple[dict[str, Any], float]] = []
         """Each billed request with what it was billed, in billing order."""
@@ -340,9 +384,9 @@ class ChatServer:
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
         try:
-            if request.get("stream"):
+            if request.get("stream") and self.protocol != "openai":
                 return ServerReply(
-                    400, self.error("this test server does not stream; call without stream=true")
+                    400, self.error("this test server streams only chat completions")
                 )
             for rule in self.rules:
                 refusal = rule(request)
@@ -355,6 +399,11 @@ class ChatServer:
             reply = self.handler(request)
             reply = reply if isinstance(reply, ServerReply) else ServerReply(200, reply)
             self._bill(request, reply)
+            if request.get("stream") and reply.status == 200 and isinstance(reply.body, dict):
+                usage = bool((request.get("stream_options") or {}).get("include_usage"))
+                events = sse_events(reply.body, usage)
+                headers = {"Content-Type": "text/event-stream"}
+                return ServerReply(200, b"".join(events), headers, reply.fault, events)
             return reply
         except Exception as err:  # a broken handler becomes a visible 500, not a hung client
             return ServerReply(500, self.error(f"handler failed: {err!r}", "server_error"))
