@@ -132,18 +132,22 @@ CONTEXT = ServerReply(
 def test_transient_faults_are_retried(
     tmp_path: Path, env_key: str, name: str, first: ServerReply
 ) -> None:
-    with ChatServer(Faults(first)) as srv:
+    # The server bills as a provider would, by its own count (and reports that count as the
+    # usage): flow's ledger must book at least what it billed, fault by fault.
+    with ChatServer(Faults(first), prices=(1e-6, 1e-6), own_usage=True) as srv:
         d, ledger = door(config(srv.base_url, timeout=1.0), tmp_path)
         started = time.monotonic()
         reply = ask(d)
         waited = time.monotonic() - started
         count = len(srv.requests)
+        assert srv.wait_idle()
     assert reply.message.content == "fine", name
     assert count == 2  # the fault, then the retry
     rows = ledger.rows()
     assert [r.outcome for r in rows] == ["retry", "ok"]
-    assert rows[1].cost_usd == pytest.approx(15e-6)
-    if name in ("hung connection", "connection reset", "truncated body"):
+    assert rows[1].cost_usd == pytest.approx(srv.bills[-1])  # the reply, at the server's count
+    assert sum(r.cost_usd for r in rows) >= srv.billed_usd - 1e-12
+    if name in ("hung connection", "connection reset", "truncated body", "malformed JSON body"):
         # No reply, but the provider may have done and billed the work: counted at the
         # attempt's worst case, so no cap can be overrun by it.
         assert rows[0].cost_usd > 0 and "worst case" in (rows[0].error or "")

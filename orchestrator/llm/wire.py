@@ -431,6 +431,11 @@ _CUT_OFF = (
     "incomplete chunked read",
     "payload is not completed",
     "midstreamfallbackerror",  # litellm: a stream that failed after it began
+    # a 200 whose body is not JSON: the provider answered (and billed) but the reply broke
+    "expecting value",
+    "expecting ',' delimiter",
+    "unterminated string",
+    "invalid control character",
 )
 
 
