@@ -124,9 +124,9 @@ def test_an_armed_builder_changes_nothing_through_flow_run(
     port = listener.getsockname()[1]
     arm = (
         f"printf '#!/bin/sh\\nenv > {marker}.$1\\nexec cat\\n' > .p.sh && chmod +x .p.sh && "
-        "git config filter.x.clean \"$PWD/.p.sh clean\" && "
-        "git config filter.x.smudge \"$PWD/.p.sh smudge\" && "
-        "git config core.fsmonitor \"$PWD/.p.sh fsmonitor\" && "
+        'git config filter.x.clean "$PWD/.p.sh clean" && '
+        'git config filter.x.smudge "$PWD/.p.sh smudge" && '
+        'git config core.fsmonitor "$PWD/.p.sh fsmonitor" && '
         "printf '* filter=x\\n' > .gitattributes && "
         "mkdir -p .git/hooks && cp .p.sh .git/hooks/post-index-change && "
         f"echo {port} > .port"

@@ -194,9 +194,7 @@ def test_a_cheat_that_also_fixes_the_code_is_committed_without_its_test_edit(
 
 
 def test_protect_empty_lets_a_spec_change_its_tests(tmp_path: Path) -> None:
-    out, repo, summary = run_flow(
-        tmp_path, {"edits": BUILDERS["edits"][1:]}, front="protect: []\n"
-    )
+    out, repo, summary = run_flow(tmp_path, {"edits": BUILDERS["edits"][1:]}, front="protect: []\n")
     assert out.returncode == 0, out.stdout + out.stderr
     assert summary["candidates"][0]["protected"] == []
     assert "assertTrue(True)" in git(repo, "show", "flow/add-median:tests/test_median.py")
