@@ -133,6 +133,33 @@ async def test_replay_from_response_cache_costs_nothing(tmp_path: Path) -> None:
     assert ledger.rows("r2")[0].outcome == "ok"
 
 
+async def test_resume_replays_turns_whose_tool_output_changed(tmp_path: Path) -> None:
+    """Tool output differs on resume (timings, temp paths); the turn is still the one paid for,
+    while another prompt, another earlier reply or another scope asks anew."""
+    path = tmp_path / "ledger.db"
+    loaded = config(tmp_path)
+    first = Door(loaded, run_id="r1", ledger=Ledger(path))
+    a = await first.complete("builder", convo(), stage="build", tools=[WRITE], scope="build-0")
+    said = [*convo(), a.message, Message.tool("call_0_0", "write_file", "ok in 0.013s")]
+    b = await first.complete("builder", said, stage="build", tools=[WRITE], scope="build-0")
+
+    ledger = Ledger(path)
+    resumed = Door(loaded, run_id="r1", ledger=ledger)
+    await resumed.complete("builder", convo(), stage="build", tools=[WRITE], scope="build-0")
+    now = [*convo(), a.message, Message.tool("call_0_0", "write_file", "ok in 0.021s")]
+    again = await resumed.complete("builder", now, stage="build", tools=[WRITE], scope="build-0")
+    assert again.message == b.message and again.cost_usd == 0
+    assert [r.outcome for r in ledger.rows("r1")] == ["ok", "ok", "replayed", "replayed"]
+
+    def key(messages: list[Message], scope: str = "build-0") -> str:
+        return request_key("r1", f"build/{scope}", "builder", messages, [WRITE], None)
+
+    assert key(said) == key(now)
+    other_prompt = [convo()[0], Message.user("Make b.py"), *now[2:]]
+    other_reply = [*convo(), Message(role="assistant", content="hm"), now[3]]
+    assert len({key(now), key(other_prompt), key(other_reply), key(now, "build-1")}) == 4
+
+
 async def test_identical_requests_in_one_run_each_reach_the_model(tmp_path: Path) -> None:
     """Two builders of one model start alike; neither is handed the other's stored reply."""
     loaded = config(tmp_path)

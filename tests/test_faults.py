@@ -185,6 +185,23 @@ def test_context_window_exceeded_is_not_retried_but_falls_back(
     assert "fallback" in [r.outcome for r in ledger.rows()]
 
 
+def test_resume_replays_the_fallbacks_answer_without_asking_the_first_model(
+    tmp_path: Path, env_key: str
+) -> None:
+    """A turn a fallback answered is replayed on resume; the first model, healthy again,
+    is not asked (it would be paid and would send the conversation another way)."""
+    with ChatServer(Faults(CONTEXT), prices=(1e-6, 1e-6)) as srv:
+        d, _ = door(config(srv.base_url, fallbacks=["big"]), tmp_path)
+        first = ask(d, fallbacks=["big"])
+    assert first.model == "big"
+    with ChatServer(Faults(), prices=(1e-6, 1e-6)) as srv:
+        d, ledger = door(config(srv.base_url, fallbacks=["big"]), tmp_path)
+        again = ask(d, fallbacks=["big"])
+        assert srv.requests == [] and srv.billed_usd == 0
+    assert again.model == "big" and again.message == first.message and again.cost_usd == 0
+    assert [r.outcome for r in ledger.rows()][-1] == "replayed"
+
+
 def test_authentication_error_fails_fast_and_names_the_variable(
     tmp_path: Path, env_key: str
 ) -> None:

@@ -47,10 +47,21 @@ def request_key(
     tools: list[ToolSpec] | None,
     tool_choice: str | None,
 ) -> str:
-    """A stable identity for one request, so a resumed run can find the reply it paid for."""
+    """A stable identity for one turn of a conversation, so a resumed run finds the reply it
+    paid for.
+
+    It names the run, the stage and scope, the model, the turn (how many assistant replies
+    the conversation already holds) and a hash of everything except what tools returned:
+    system and user prompts, every assistant turn, the tool calls, ids and names, the tools
+    offered. Tool output is left out because it differs between a run and its resume (test
+    timings, `ls -l`, temporary paths): a resumed agent gets its stored replies back turn by
+    turn and runs their tool calls again in its fresh checkout. A different prompt, or a
+    reply never received before, changes the hash, and every later turn then asks anew.
+    """
+    turn = sum(1 for m in messages if m.role == "assistant")
     payload = json.dumps(
         {
-            "messages": [m.model_dump(mode="json") for m in messages],
+            "messages": [_keyed(m) for m in messages],
             "tools": [t.model_dump(mode="json") for t in tools or []],
             "tool_choice": tool_choice,
         },
@@ -58,7 +69,15 @@ def request_key(
         separators=(",", ":"),
         ensure_ascii=False,
     )
-    return hashlib.sha256("\0".join((run_id, stage, model, payload)).encode()).hexdigest()
+    digest = hashlib.sha256("\0".join((run_id, stage, model, str(turn), payload)).encode())
+    return digest.hexdigest()
+
+
+def _keyed(message: Message) -> dict[str, object]:
+    """What of a message identifies the turn: all of it, except the text a tool returned."""
+    if message.role == "tool":
+        return message.model_dump(mode="json", exclude={"content"})
+    return message.model_dump(mode="json")
 
 
 _CONTEXT_WORDS = re.compile(
@@ -180,6 +199,10 @@ class Door:
         `Completion.model` names the model that answered, so an agent can stay on it.
         """
         chain = [model, *(fallbacks or [])]
+        if len(chain) > 1:
+            stored = await self._replay(chain, messages, stage, tools, tool_choice, scope)
+            if stored is not None:
+                return stored
         for i, name in enumerate(chain):
             try:
                 return await self._complete_one(
@@ -246,6 +269,35 @@ class Door:
         """What one attempt may cost at most: reserved before it is sent."""
         prompt = wire.prompt_bound(rm.litellm_model, uses_tokenizer(rm), messages, tools, rm.quirks)
         return rm.worst_cost(prompt, self.output_tokens(rm, stage))
+
+    async def _replay(
+        self,
+        chain: list[str],
+        messages: list[Message],
+        stage: str,
+        tools: list[ToolSpec] | None,
+        tool_choice: str | None,
+        scope: str,
+    ) -> Completion | None:
+        """The stored reply of whichever model of the chain answered this turn before.
+
+        When a fallback answered a turn, a resume must not ask the first model again: it
+        might answer this time, be paid, and send the conversation another way.
+        """
+        if self.ledger is None:
+            return None
+        for name in chain:
+            rm = self._resolve(name)
+            base = request_key(
+                self.run_id, f"{stage}/{scope}", rm.name, messages, tools, tool_choice
+            )
+            rkey = self._occurrence(base, take=False)
+            stored = self.ledger.cached(rkey)
+            if stored is not None:
+                self._occurrence(base)
+                await asyncio.to_thread(self._log, rm, stage, "replayed", Usage(), 0.0, rkey)
+                return stored.model_copy(update={"cost_usd": 0.0})
+        return None
 
     async def _attempts(
         self,
@@ -509,15 +561,18 @@ class Door:
         if host not in _LOOPBACK:
             raise ProviderError(f"{rm.name}: real model requests are disabled ({ALLOW_ENV}=0)")
 
-    def _occurrence(self, key: str) -> str:
-        """The n-th identical request of this run gets its own key (`key#n`).
+    def _occurrence(self, key: str, *, take: bool = True) -> str:
+        """The n-th request of this run with one key gets its own key (`key#n`).
 
-        Parallel builders of one model start from the same conversation, and a re-asked
-        request (after an unusable reply) must reach the model again: neither may be answered
-        with another call's stored reply. A resumed run asks in the same way and replays each.
+        A turn's key leaves tool output out, so two requests of one scope can share it: one
+        re-asked after an unusable reply, or parallel calls of one agent CLI. Neither may be
+        answered with the other's stored reply; a resumed run asks in the same order and
+        replays each. Parallel builders differ by scope, so they never share a key.
+        `take=False` only looks at the next key, without counting the request.
         """
         n = self._seen.get(key, 0)
-        self._seen[key] = n + 1
+        if take:
+            self._seen[key] = n + 1
         return key if n == 0 else f"{key}#{n}"
 
     def _redact(self, text: str) -> str:
