@@ -236,6 +236,8 @@ def validate(
         f"ok  {loaded.path or 'config'}: {len(loaded.models)} models, "
         f"{len(loaded.config.stages.reviewers)} reviewers"
     )
+    for warning in loaded.tester_warnings():
+        typer.echo(f"warning: {warning}")
     from orchestrator import sandbox
 
     typer.echo(("sandbox: " if sandbox.bwrap() else "warning: ") + sandbox.describe())

@@ -118,6 +118,9 @@ class Stages(_Strict):
     planner: ModelRef
     builders: list[BuilderRef] = Field(min_length=1)
     reviewers: list[ModelRef] = Field(default_factory=list)
+    testers: list[ModelRef] = Field(default_factory=list)
+    """Held-out acceptance tests: each tester writes tests from the spec's scenarios in a
+    checkout of its own; builders never see them, candidates are judged by them."""
 
 
 class OutputTokens(_Strict):
@@ -312,6 +315,20 @@ class LoadedConfig(BaseModel):
         agents = [b.agent for b in self.config.stages.builders for _ in range(b.count)]
         return agents[index % len(agents)]
 
+    def tester_warnings(self) -> list[str]:
+        """A tester of a family some builder has may share its blind spots: say so."""
+        builders = {self.models[b.model].family for b in self.config.stages.builders}
+        out = []
+        for i, t in enumerate(self.config.stages.testers):
+            family = self.models[t.model].family
+            if family in builders:
+                out.append(
+                    f"stages.testers.{i}: tester {t.model!r} is of family {family!r}, like a "
+                    "builder; a tester of a family no builder has makes the held-out tests "
+                    "more independent"
+                )
+        return out
+
     def reviewers_for(self, builder_model: str) -> list[str]:
         family = self.models[builder_model].family
         names = [r.model for r in self.config.stages.reviewers]
@@ -324,6 +341,7 @@ class LoadedConfig(BaseModel):
         entries: list[tuple[str, ModelRef]] = [("plan", stages.planner)]
         entries += [("build", b) for b in stages.builders]
         entries += [("review", r) for r in stages.reviewers]
+        entries += [("test", t) for t in stages.testers]
         for stage, ref in entries:
             if ref.fallbacks:
                 chains[(stage, ref.model)] = list(ref.fallbacks)
@@ -458,6 +476,7 @@ def _stage_refs(stages: Stages) -> list[tuple[str, str]]:
     entries: list[tuple[str, ModelRef]] = [("stages.planner", stages.planner)]
     entries += [(f"stages.builders.{i}", b) for i, b in enumerate(stages.builders)]
     entries += [(f"stages.reviewers.{i}", r) for i, r in enumerate(stages.reviewers)]
+    entries += [(f"stages.testers.{i}", t) for i, t in enumerate(stages.testers)]
     refs = []
     for where, ref in entries:
         refs.append((f"{where}.model", ref.model))

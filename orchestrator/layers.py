@@ -124,14 +124,15 @@ def _stage_override(value: Any, where: str) -> Any:
 
 
 def stages_layer(source: str, stages: dict[str, Any]) -> Layer:
-    allowed = {"planner", "builders", "reviewers"}
+    allowed = {"planner", "builders", "reviewers", "testers"}
     unknown = set(stages) - allowed
     if unknown:
         raise ConfigError(
-            f"{source}: unknown stage {sorted(unknown)[0]!r}; use planner, builders or reviewers"
+            f"{source}: unknown stage {sorted(unknown)[0]!r}; "
+            "use planner, builders, reviewers or testers"
         )
     data = {k: _stage_override(v, f"{source}: {k}") for k, v in stages.items()}
-    for key in ("builders", "reviewers"):
+    for key in ("builders", "reviewers", "testers"):
         if key in data and isinstance(data[key], dict):
             data[key] = [data[key]]
     return Layer(source=source, data={"stages": data})

@@ -141,6 +141,7 @@ def used_models(loaded: LoadedConfig, slots: list[str]) -> list[str]:
     """Every model a run may call: its stages' models and their fallbacks."""
     stages = loaded.config.stages
     names = {stages.planner.model, *slots, *(r.model for r in stages.reviewers)}
+    names.update(t.model for t in stages.testers)
     for chain in loaded.fallback_chains().values():
         names.update(chain)
     return sorted(names)

@@ -98,6 +98,52 @@ def _candidate_section(
     return [*lines, ""]
 
 
+def _matrix(state: RunState) -> list[str]:
+    """Candidate × evidence: each spec check, each held-out test, each review."""
+    cands = sorted(
+        (c for c in state.get("candidates", []) if c.status == "ok"), key=lambda c: c.index
+    )
+    if not cands:
+        return []
+    checks = {c.candidate: c.results for c in state.get("checks", [])}
+    held = {
+        h.candidate: {(r.tester, r.name): r.passed for r in h.results}
+        for h in state.get("heldout_results", [])
+    }
+    tests = [(t.tester, t.name) for h in state.get("heldout", []) for t in h.kept]
+    reviewers = sorted({r.reviewer for r in state.get("reviews", [])})
+    n_checks = max((len(v) for v in checks.values()), default=0)
+    head = ["candidate"] + [f"check {i + 1}" for i in range(n_checks)]
+    head += [f"held-out {i + 1}" for i in range(len(tests))] + reviewers
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in cands:
+        cells = [f"#{c.index} {md(c.model)}"]
+        results = checks.get(c.index, [])
+        cells += [
+            ("pass" if results[i].passed else "FAIL") if i < len(results) else "–"
+            for i in range(n_checks)
+        ]
+        mine = held.get(c.index, {})
+        cells += [("pass" if mine[t] else "FAIL") if t in mine else "–" for t in tests]
+        for name in reviewers:
+            got = [
+                r for r in state.get("reviews", []) if r.candidate == c.index and r.reviewer == name
+            ]
+            if not got:
+                cells.append("–")
+            elif got[0].error:
+                cells.append("failed")
+            else:
+                cells.append(f"{score(got[0].score)} {got[0].verdict}")
+        rows.append("| " + " | ".join(cells) + " |")
+    legend = []
+    for i, command in enumerate(state.get("checks", [])[0].results if state.get("checks") else []):
+        legend.append(f"check {i + 1}: `{md(command.command)}`")
+    for i, (tester, name) in enumerate(tests):
+        legend.append(f"held-out {i + 1}: {md(name)} (tester #{tester})")
+    return rows + [""] + ([", ".join(legend), ""] if legend else [])
+
+
 def render_markdown(
     state: RunState,
     *,
@@ -142,6 +188,9 @@ def render_markdown(
         lines += ["## Plan", "", md(plan.summary.strip()), ""]
         lines += [f"{i}. {md(s)}" for i, s in enumerate(plan.steps, 1)] + [""]
     lines += ["## Selection", ""]
+    if selection and selection.why:
+        lines += [f"**Why:** {md(selection.why)}", ""]
+    lines += _matrix(state)
     lines += [f"- {md(e)}" for e in (selection.explanation if selection else ["(not reached)"])]
     lines += ["", "## Candidates", ""]
     for c in sorted(state.get("candidates", []), key=lambda c: c.index):

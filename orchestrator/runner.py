@@ -31,13 +31,19 @@ from orchestrator.state import (
     BuildTask,
     Candidate,
     CandidateChecks,
+    CandidateHeldOut,
     CheckResult,
     CheckTask,
+    HeldOut,
+    HeldOutResult,
+    HeldOutTask,
+    HeldOutTest,
     Plan,
     Review,
     ReviewTask,
     RunState,
     Selection,
+    TestTask,
 )
 from orchestrator.store import RunRecord, Store
 from orchestrator.workspace import Repo, remove_run_worktrees, worktree_dir
@@ -57,6 +63,12 @@ STATE_TYPES = [
     BuildTask,
     CheckTask,
     ReviewTask,
+    HeldOut,
+    HeldOutTest,
+    HeldOutResult,
+    CandidateHeldOut,
+    TestTask,
+    HeldOutTask,
 ]
 
 
@@ -283,6 +295,7 @@ async def _run(
             run_id=run_id,
             base_sha=base_sha,
             builder_models=slots,
+            tester_models=[t.model for t in loaded.config.stages.testers],
             reviewers={m: loaded.reviewers_for(m) for m in set(slots)},
             families={name: m.family for name, m in loaded.models.items()},
         )

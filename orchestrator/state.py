@@ -61,6 +61,48 @@ class CandidateChecks(BaseModel):
         return all(r.passed for r in self.results)
 
 
+class HeldOutTest(BaseModel):
+    """One acceptance test a tester wrote, and how it ran on the base commit."""
+
+    tester: int
+    name: str
+    command: str
+    on_base: Literal["fails", "passes", "cannot run"]
+    """fails: it tests the new behaviour; cannot run: discarded (program missing, nothing
+    collected, a usage error or a time-out)."""
+    base_exit: int | None = None
+
+
+class HeldOut(BaseModel):
+    """A tester's work: its tests (files in the run directory, never in a builder's view)."""
+
+    index: int
+    model: str
+    family: str
+    files: str | None = None
+    """JSON {path: content} of the files it wrote, relative to the run directory."""
+    tests: list[HeldOutTest] = Field(default_factory=list)
+    cost_usd: float = 0.0
+    error: str | None = None
+
+    @property
+    def kept(self) -> list[HeldOutTest]:
+        return [t for t in self.tests if t.on_base != "cannot run"]
+
+
+class HeldOutResult(BaseModel):
+    tester: int
+    name: str
+    passed: bool
+    exit_code: int | None = None
+    output_tail: str = ""
+
+
+class CandidateHeldOut(BaseModel):
+    candidate: int
+    results: list[HeldOutResult] = Field(default_factory=list)
+
+
 class Review(BaseModel):
     candidate: int
     reviewer: str
@@ -77,6 +119,8 @@ class Selection(BaseModel):
     winner: int | None
     ranking: list[int] = Field(default_factory=list)
     explanation: list[str] = Field(default_factory=list)
+    why: str = ""
+    """One sentence: what decided the winner (or why nothing was applied)."""
 
 
 class Applied(BaseModel):
@@ -91,6 +135,19 @@ class BuildTask(BaseModel):
     plan: Plan
 
 
+class TestTask(BaseModel):
+    index: int
+    model: str
+    base_sha: str
+    plan: Plan
+
+
+class HeldOutTask(BaseModel):
+    candidate: Candidate
+    base_sha: str
+    heldout: list[HeldOut]
+
+
 class CheckTask(BaseModel):
     candidate: Candidate
     base_sha: str
@@ -101,6 +158,7 @@ class ReviewTask(BaseModel):
     reviewer: str
     plan: Plan
     checks: list[CheckResult] = Field(default_factory=list)
+    heldout: list[HeldOutResult] = Field(default_factory=list)
 
 
 class RunState(TypedDict, total=False):
@@ -108,6 +166,8 @@ class RunState(TypedDict, total=False):
     base_sha: str
     builder_models: list[str]
     """Model name per builder slot."""
+    tester_models: list[str]
+    """Model name per tester (held-out acceptance tests); may be empty."""
     reviewers: dict[str, list[str]]
     """Builder model name -> the reviewers eligible to review its candidates."""
     families: dict[str, str]
@@ -116,6 +176,9 @@ class RunState(TypedDict, total=False):
     candidates: Annotated[list[Candidate], operator.add]
     checks: Annotated[list[CandidateChecks], operator.add]
     reviews: Annotated[list[Review], operator.add]
+    heldout: Annotated[list[HeldOut], operator.add]
+    """The testers' held-out tests."""
+    heldout_results: Annotated[list[CandidateHeldOut], operator.add]
     notes: Annotated[list[str], operator.add]
     """What was skipped and why (budget, failures), for the report."""
     selection: Selection | None

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from orchestrator.agents.prompts import BUILDER_SYSTEM
 from orchestrator.agents.tools import TOOL_SPECS, Submitted, ToolError, Tools
-from orchestrator.llm.messages import Message, ToolCall
+from orchestrator.llm.messages import Message, ToolCall, ToolSpec
 from orchestrator.protocols import ModelDoor
 from orchestrator.redact import Redactor
 
@@ -24,6 +24,8 @@ class FormatError(Exception):
 
 class BuildOutcome(BaseModel):
     summary: str = ""
+    tests: list[dict[str, str]] | None = None
+    """A tester's submitted tests (name, command)."""
     turns: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -48,7 +50,13 @@ class Builder:
         progress: Progress | None = None,
         scope: str = "",
         fallbacks: list[str] | None = None,
+        system: str = BUILDER_SYSTEM,
+        tool_specs: list[ToolSpec] | None = None,
+        stage: str = "build",
     ):
+        self.system = system
+        self.tool_specs = TOOL_SPECS if tool_specs is None else tool_specs
+        self.stage = stage
         self.scope = scope
         self.fallbacks = list(fallbacks or [])
         self.door, self.model, self.tools = door, model, tools
@@ -63,13 +71,14 @@ class Builder:
         """Run until finish(); limits and provider failures end the loop with `error` set."""
         self.transcript.parent.mkdir(parents=True, exist_ok=True)
         self.transcript.write_text("", encoding="utf-8")
-        self._add(Message.system(BUILDER_SYSTEM))
+        self._add(Message.system(self.system))
         self._add(Message.user(task))
         try:
             while True:
                 await self.step()
         except Submitted as done:
             self.outcome.summary = done.summary
+            self.outcome.tests = done.tests
         except LimitsExceeded:
             self.outcome.error = f"turn limit reached ({self.max_turns} turns)"
         return self.outcome
@@ -80,8 +89,8 @@ class Builder:
         completion = await self.door.complete(
             self.model,
             self.messages,
-            stage="build",
-            tools=TOOL_SPECS,
+            stage=self.stage,
+            tools=self.tool_specs,
             scope=self.scope,
             fallbacks=self.fallbacks,
         )
@@ -99,7 +108,10 @@ class Builder:
         self._add(reply)
         try:
             if not reply.tool_calls:
-                raise FormatError("Reply with tool calls only; call finish when the work is done.")
+                final = self.tool_specs[-1].name
+                raise FormatError(
+                    f"Reply with tool calls only; call {final} when the work is done."
+                )
             for call in reply.tool_calls:
                 self.progress(o, f"{call.name}")
                 await self._execute(call)

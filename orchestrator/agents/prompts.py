@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from orchestrator.llm.messages import ToolSpec
-from orchestrator.state import CheckResult, Plan
+from orchestrator.state import CheckResult, HeldOutResult, Plan
 
 PLANNER_SYSTEM = """\
 You are the planner of a small software team. Read the spec and the repository overview,
@@ -25,6 +25,16 @@ and the results of the spec's checks. Judge correctness against the requirements
 scenarios first, then scope (no unrelated changes), then code quality. Call
 submit_review once: score 0-10, verdict approve or reject, a short summary, and
 concrete findings."""
+
+TESTER_SYSTEM = """\
+You write acceptance tests for a change that another engineer will make, in a git checkout
+of the repository before the change. Turn the spec's requirements and scenarios into
+executable tests in the repository's own test framework and style, in new test files.
+Do not implement the change and do not edit existing non-test code: the tests must describe
+the behaviour the spec asks for, so tests of new behaviour fail now. Run them with `run`
+to make sure they execute (a failing assertion is expected; an import or syntax error in
+the test itself is not). Finish with submit_tests: one shell command per test that runs
+exactly that test from the repository root."""
 
 SUBMIT_PLAN = ToolSpec(
     name="submit_plan",
@@ -81,6 +91,24 @@ def build_request(spec_text: str, plan: Plan, checks: list[str]) -> str:
     )
 
 
+def tester_request(spec_text: str, plan: Plan) -> str:
+    return (
+        f"# Spec\n\n{spec_text.strip()}\n\n# The implementer's plan\n\n{_format_plan(plan)}\n\n"
+        "Write the acceptance tests now; the change itself does not exist yet.\n"
+    )
+
+
+def _format_heldout(results: list[HeldOutResult]) -> str:
+    if not results:
+        return ""
+    lines = "\n".join(f"- {'PASS' if r.passed else 'FAIL'} {r.name}" for r in results)
+    return (
+        "\n# Held-out acceptance tests\n\n"
+        "Written from the spec by another model; the builder never saw them.\n\n"
+        f"{lines}\n"
+    )
+
+
 def _format_checks(results: list[CheckResult]) -> str:
     if not results:
         return "(the spec names no checks)"
@@ -101,6 +129,7 @@ def review_request(
     diff: str,
     checks: list[CheckResult],
     protected: list[str] | None = None,
+    heldout: list[HeldOutResult] | None = None,
 ) -> str:
     if len(diff) > MAX_DIFF_CHARS:
         diff = (
@@ -111,6 +140,7 @@ def review_request(
         f"# Spec\n\n{spec_text.strip()}\n\n# Plan\n\n{_format_plan(plan)}\n\n"
         f"# Candidate diff\n\n```diff\n{diff}\n```\n\n# Check results\n\n{_format_checks(checks)}\n"
         + _format_protected(protected or [])
+        + _format_heldout(heldout or [])
     )
 
 

@@ -42,11 +42,16 @@ class ToolError(Exception):
 
 
 class Submitted(Exception):
-    """The builder called finish()."""
+    """The builder called finish() (or a tester submit_tests(): then `tests` is set)."""
 
-    def __init__(self, summary: str):
+    def __init__(self, summary: str, tests: list[dict[str, str]] | None = None):
         super().__init__(summary)
         self.summary = summary
+        self.tests = tests
+
+
+MAX_HELD_OUT = 20
+"""The most tests one tester may submit."""
 
 
 def _schema(props: dict[str, Any], required: list[str]) -> dict[str, Any]:
@@ -99,6 +104,27 @@ TOOL_SPECS = [
 ]
 
 
+SUBMIT_TESTS = ToolSpec(
+    name="submit_tests",
+    description=(
+        "Finish: name the tests you wrote, one shell command per test that runs exactly that "
+        "test from the repository root (e.g. `python -m pytest -q tests/test_x.py::test_y`)."
+    ),
+    parameters=_schema(
+        {
+            "tests": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_HELD_OUT,
+                "items": _schema({"name": _S, "command": _S}, ["name", "command"]),
+            }
+        },
+        ["tests"],
+    ),
+)
+TESTER_TOOL_SPECS = [t for t in TOOL_SPECS if t.name != "finish"] + [SUBMIT_TESTS]
+
+
 class Tools:
     """Implements the tool protocol inside `root`; nothing outside it is readable or writable."""
 
@@ -109,6 +135,7 @@ class Tools:
         command_timeout_s: float,
         output_cap: int,
         search_timeout_s: float = SEARCH_TIMEOUT_S,
+        tester: bool = False,
     ):
         self.root = root.resolve()
         self.search_timeout_s = search_timeout_s
@@ -121,8 +148,11 @@ class Tools:
             "write_file": self.write_file,
             "edit_file": self.edit_file,
             "run": self.run,
-            "finish": self.finish,
         }
+        if tester:
+            self._handlers["submit_tests"] = self.submit_tests
+        else:
+            self._handlers["finish"] = self.finish
 
     def resolve(self, path: str) -> Path:
         """The real path of `path` inside the worktree, or ToolError."""
@@ -257,6 +287,20 @@ class Tools:
 
     async def finish(self, summary: str = "") -> str:
         raise Submitted(str(summary))
+
+    async def submit_tests(self, tests: list[dict[str, str]]) -> str:
+        if not isinstance(tests, list) or not tests:
+            raise ToolError("tests must be a non-empty list of {name, command}")
+        if len(tests) > MAX_HELD_OUT:
+            raise ToolError(f"at most {MAX_HELD_OUT} tests; merge some")
+        clean = []
+        for i, t in enumerate(tests):
+            name = t.get("name") if isinstance(t, dict) else None
+            command = t.get("command") if isinstance(t, dict) else None
+            if not isinstance(name, str) or not isinstance(command, str) or not command.strip():
+                raise ToolError(f"tests[{i}]: needs a name and a non-empty command")
+            clean.append({"name": name.strip()[:200] or f"test {i + 1}", "command": command})
+        raise Submitted(f"{len(clean)} tests", clean)
 
 
 def _read_regular(target: Path, shown: str, limit: int) -> bytes:

@@ -255,3 +255,8 @@ def _compiled(glob: str) -> re.Pattern[str]:
             i += 1
     pattern = "".join(out)
     return re.compile(pattern if anchored else f"(?:.*/)?{pattern}")
+
+
+def is_test_file(path: str) -> bool:
+    """Whether `path` is where its ecosystem keeps tests (the TEST_FILES patterns)."""
+    return any(_match(g, path) for g in TEST_FILES)

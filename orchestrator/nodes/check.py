@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from orchestrator.context import Context
 from orchestrator.events import CheckDone
 from orchestrator.preflight import missing_programs, program_of
-from orchestrator.proc import run_shell, sandbox_env
+from orchestrator.proc import CommandResult, run_shell, sandbox_env
 from orchestrator.state import Candidate, CandidateChecks, CheckResult, CheckTask
 from orchestrator.workspace import apply_patch
 
@@ -28,24 +29,29 @@ async def check_candidate(ctx: Context, cand: Candidate, base_sha: str) -> Candi
     return report
 
 
+async def run_check(ctx: Context, command: str, path: Path) -> CommandResult:
+    """One check command (or held-out test) in a checkout, as the checks run."""
+    settings = ctx.config.config.checks
+    return await run_shell(
+        command,
+        path,
+        timeout_s=settings.timeout_s,
+        output_cap=settings.output_cap_bytes,
+        env=sandbox_env(),
+        isolate_user=True,
+    )
+
+
 async def _run_checks(ctx: Context, task: CheckTask) -> list[CheckResult]:
     assert task.candidate.patch is not None
     path = ctx.worktrees / f"check-{task.candidate.index}"
-    settings = ctx.config.config.checks
     results: list[CheckResult] = []
     try:
         await asyncio.to_thread(ctx.repo.add_worktree, path, task.base_sha)
         patch = (ctx.run_dir / task.candidate.patch).read_bytes()
         await asyncio.to_thread(apply_patch, path, patch)
         for command in ctx.spec.checks:
-            out = await run_shell(
-                command,
-                path,
-                timeout_s=settings.timeout_s,
-                output_cap=settings.output_cap_bytes,
-                env=sandbox_env(),
-                isolate_user=True,
-            )
+            out = await run_check(ctx, command, path)
             results.append(
                 CheckResult(
                     command=ctx.redact(command),

@@ -30,7 +30,11 @@ async def review(task: ReviewTask, runtime: Runtime[Context]) -> dict[str, objec
     diff = (ctx.run_dir / cand.patch).read_text(encoding="utf-8", errors="replace")
     messages = [
         Message.system(REVIEWER_SYSTEM),
-        Message.user(review_request(ctx.spec.body, task.plan, diff, task.checks, cand.protected)),
+        Message.user(
+            review_request(
+                ctx.spec.body, task.plan, diff, task.checks, cand.protected, task.heldout
+            )
+        ),
     ]
     try:
         built_by = {ctx.config.model(m).family for m in [cand.model, *cand.models_used]}

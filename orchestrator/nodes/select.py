@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from statistics import mean
 
 from langgraph.runtime import Runtime
@@ -9,7 +10,14 @@ from langgraph.runtime import Runtime
 from orchestrator.context import Context
 from orchestrator.events import Selected, StageStarted
 from orchestrator.fmt import score as score_text
-from orchestrator.state import Candidate, CandidateChecks, Review, RunState, Selection
+from orchestrator.state import (
+    Candidate,
+    CandidateChecks,
+    CandidateHeldOut,
+    Review,
+    RunState,
+    Selection,
+)
 
 
 def choose(
@@ -19,8 +27,11 @@ def choose(
     *,
     has_checks: bool,
     needs_review: bool = False,
+    heldout: list[CandidateHeldOut] | None = None,
 ) -> Selection:
-    """Checks first, then the mean review score, then the smaller diff, then builder order.
+    """Checks first (a gate), then the held-out tests passed (those every candidate fails
+    tell nothing and are ignored), then the mean review score, then the smaller diff, then
+    builder order.
 
     A candidate is acceptable when it has a diff, its builder finished, its checks pass (if
     the spec has any), at least one review completed (when `needs_review`), and not every
@@ -59,10 +70,23 @@ def choose(
         mine = [r.score for r in done if r.candidate == c.index]
         return mean(mine) if mine else None
 
-    ranking = sorted(acceptable, key=lambda c: (-(score(c) or 0.0), c.diff_size, c.index))
+    held = {h.candidate: h.results for h in heldout or []}
+    telling = {
+        (r.tester, r.name) for rs in held.values() for r in rs if r.passed
+    }  # a test no candidate passes says nothing
+
+    def held_passed(c: Candidate) -> int:
+        return sum(r.passed for r in held.get(c.index, []) if (r.tester, r.name) in telling)
+
+    def key(c: Candidate) -> tuple[int, float, int, int]:
+        return (-held_passed(c), -(score(c) or 0.0), c.diff_size, c.index)
+
+    ranking = sorted(acceptable, key=key)
     for rank, c in enumerate(ranking, 1):
         s = score(c)
         checks_word = "checks pass, " if has_checks else ""
+        if telling:
+            checks_word += f"held-out {held_passed(c)}/{len(telling)}, "
         review_word = f"mean review {score_text(s)}" if s is not None else "no reviews"
         touched = (
             f"; changed protected files (dropped): {', '.join(c.protected)}" if c.protected else ""
@@ -82,7 +106,49 @@ def choose(
                 f"#{ranking[0].index}; needs you"
             )
             winner = None
-    return Selection(winner=winner, ranking=[c.index for c in ranking], explanation=explanation)
+    why = _why(ranking, winner, explanation, held_passed, score, len(telling))
+    return Selection(
+        winner=winner, ranking=[c.index for c in ranking], explanation=explanation, why=why
+    )
+
+
+def _why(
+    ranking: list[Candidate],
+    winner: int | None,
+    explanation: list[str],
+    held_passed: Callable[[Candidate], int],
+    score: Callable[[Candidate], float | None],
+    telling: int,
+) -> str:
+    """The one sentence the report leads with: the first measure that set the winner apart."""
+    if winner is None:
+        reasons = [e for e in explanation if e.startswith("not applied")]
+        if reasons:
+            return f"Nothing was applied: {reasons[0].removeprefix('not applied: ')}."
+        return "Nothing was applied: no candidate passed the gates (see below)."
+    first = ranking[0]
+    label = f"#{first.index} ({first.model})"
+    if len(ranking) == 1:
+        return f"{label} won as the only candidate that passed every gate."
+    second = ranking[1]
+    other = f"#{second.index}"
+    if held_passed(first) != held_passed(second):
+        return (
+            f"{label} won by passing {held_passed(first)} of {telling} held-out tests, "
+            f"against {held_passed(second)} for the runner-up {other}."
+        )
+    s1, s2 = score(first) or 0.0, score(second) or 0.0
+    if s1 != s2:
+        return (
+            f"{label} won on the reviews (mean {score_text(s1)} against {score_text(s2)} for "
+            f"{other}), the evidence before them being equal."
+        )
+    if first.diff_size != second.diff_size:
+        return (
+            f"{label} won as the smaller diff ({first.diff_size} against {second.diff_size} "
+            f"changed lines for {other}) with evidence and reviews equal."
+        )
+    return f"{label} won on builder order: it tied with {other} on every measure."
 
 
 def needs_review(ctx: Context) -> bool:
@@ -101,6 +167,7 @@ async def select(state: RunState, runtime: Runtime[Context]) -> dict[str, object
         state.get("reviews", []),
         has_checks=bool(ctx.spec.checks),
         needs_review=needs_review(ctx),
+        heldout=state.get("heldout_results", []),
     )
     ctx.events.emit(
         Selected(run_id=ctx.run_id, winner=selection.winner, explanation=selection.explanation)
