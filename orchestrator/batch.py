@@ -50,6 +50,7 @@ class BatchOptions(ConfigSource):
     builders: int | None = None
     keep_worktrees: bool = False
     new: bool = False
+    onto_tip: bool = False
 
 
 class BatchResult(BaseModel):
@@ -251,6 +252,7 @@ async def _one(
             builders=options.builders,
             budget_usd=options.per_spec_usd,
             keep_worktrees=options.keep_worktrees,
+            onto_tip=options.onto_tip,
             **options.source(),
         )
         try:

@@ -113,6 +113,15 @@ JsonOpt = Annotated[
     bool, typer.Option("--json", help="print JSON-lines events instead of the live view")
 ]
 KeepOpt = Annotated[bool, typer.Option("--keep", help="keep the builders' checkouts")]
+OntoTipOpt = Annotated[
+    bool,
+    typer.Option(
+        "--onto-tip",
+        help="if the base branch moved during the run, commit on its tip, and only if the "
+        "winner applies there and the checks pass there (else nothing: needs-you); "
+        "overrides `apply: {onto: …}` of the spec and agents.yaml",
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -272,6 +281,7 @@ def run(
     budget: Annotated[float | None, typer.Option(min=0, help="hard cap for this run, USD")] = None,
     as_json: JsonOpt = False,
     keep: KeepOpt = False,
+    onto_tip: OntoTipOpt = False,
 ) -> None:
     """Run one spec end to end: plan, build ×N, check, review, select, commit to a branch."""
     from orchestrator.preflight import preflight
@@ -288,6 +298,7 @@ def run(
         builders=builders,
         budget_usd=budget,
         keep_worktrees=keep,
+        onto_tip=onto_tip,
         **layers.source(),
     )
     result = _live(as_json, False, lambda sink: run_spec(parsed, loaded, repository, sink, options))
@@ -328,6 +339,7 @@ def batch(
     repo: RepoOpt = None,
     as_json: JsonOpt = False,
     new: Annotated[bool, typer.Option("--new", help="start over instead of resuming")] = False,
+    onto_tip: OntoTipOpt = False,
 ) -> None:
     """Run many specs under one budget; running the same command again resumes it."""
     from orchestrator.batch import BatchOptions, run_batch
@@ -341,6 +353,7 @@ def batch(
         until=until,
         builders=builders,
         new=new,
+        onto_tip=onto_tip,
         **layers.source(),
     )
     result = _live(as_json, True, lambda sink: run_batch(specs, layers, repository, sink, options))
@@ -412,25 +425,31 @@ def status(
 
     from rich.console import Console
 
+    from orchestrator.report import drift_note
     from orchestrator.runner import flow_dir
     from orchestrator.store import Store
     from orchestrator.ui import status_tables
 
     repository = _repo(repo)
-    store = Store(flow_dir(repository) / "ledger.sqlite")
+    fdir = flow_dir(repository)
+    store = Store(fdir / "ledger.sqlite")
     try:
         runs, batches = store.runs(limit=30), store.batches(limit=10)
         counts = {b.batch_id: len(store.items(b.batch_id)) for b in batches}
     finally:
         store.close()
+    moved = {r.run_id: note for r in runs if (note := drift_note(fdir, r.run_id))}
     if as_json:
         for b in batches:
             typer.echo(json.dumps({"type": "batch", **b.model_dump(), "live": b.live_status}))
         for r in runs:
-            typer.echo(json.dumps({"type": "run", **r.model_dump(), "live": r.live_status}))
+            record = {"type": "run", **r.model_dump(), "live": r.live_status}
+            typer.echo(json.dumps({**record, "base_drift": moved.get(r.run_id)}))
         return
     for table in status_tables(runs, batches, counts):
         Console().print(table)
+    for run_id, note in moved.items():
+        typer.echo(f"base moved: {run_id}: {note}")
     for r in runs:
         if r.live_status == "needs-you":
             typer.echo(

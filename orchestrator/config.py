@@ -159,6 +159,13 @@ class CheckSettings(_Strict):
     output_cap_bytes: int = Field(default=32_000, ge=256)
 
 
+class ApplySettings(_Strict):
+    onto: Literal["base", "tip"] = "base"
+    """`base`: the branch starts from the commit the run started from; `tip`: when the base
+    branch moved meanwhile, commit on its tip if the winner applies there cleanly and the
+    spec's checks pass there, else on the base."""
+
+
 class Config(_Strict):
     providers: dict[str, Provider] = Field(default_factory=dict)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
@@ -172,6 +179,8 @@ class Config(_Strict):
     """Per agent CLI: command, expected version, extra arguments, time limit."""
     sandbox: Literal["auto", "required"] = "auto"
     """`required`: refuse to run where bubblewrap cannot confine builder commands."""
+    apply: ApplySettings = Field(default_factory=ApplySettings)
+    """Where the winner is committed when the base branch moved during the run."""
     reviews: Literal["required", "optional"] = "required"
     """`required`: with reviewers configured, a candidate no review completed for (all failed,
     refused by the budget) is not applied; `optional`: the checks alone may decide."""

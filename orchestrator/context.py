@@ -29,6 +29,8 @@ class Context:
     keep_worktrees: bool = False
     attempts: Attempts = field(default_factory=lambda: Attempts(None))
     """Adaptive N's gate: which builders start (orchestrator/attempts.py)."""
+    onto_tip: bool = False
+    """`--onto-tip`: commit on the base branch's tip when it moved, whatever the spec says."""
     dirty_note: str | None = None
     """Set when the user's working tree had uncommitted changes, which are not included."""
 

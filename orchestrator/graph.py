@@ -11,6 +11,7 @@ from orchestrator.context import Context
 from orchestrator.events import StageStarted
 from orchestrator.nodes.apply import apply
 from orchestrator.nodes.build import build
+from orchestrator.nodes.drift import drift
 from orchestrator.nodes.heldout import heldout, test
 from orchestrator.nodes.plan import plan
 from orchestrator.nodes.report import report
@@ -42,6 +43,7 @@ def build_graph() -> StateGraph[Any, Any, Any, Any]:
     g.add_node("collect_heldout", collect_heldout)
     g.add_node("review", review)  # type: ignore[arg-type]  # input is a Send payload
     g.add_node("select", select)
+    g.add_node("drift", drift)
     g.add_node("apply", apply)
     g.add_node("report", report)
 
@@ -53,7 +55,8 @@ def build_graph() -> StateGraph[Any, Any, Any, Any]:
     g.add_edge("heldout", "collect_heldout")
     g.add_conditional_edges("collect_heldout", route_reviews, ["review", "select"])
     g.add_edge("review", "select")
-    g.add_edge("select", "apply")
+    g.add_edge("select", "drift")
+    g.add_edge("drift", "apply")
     g.add_edge("apply", "report")
     g.add_edge("report", END)
     return g

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from statistics import mean
 
 from orchestrator.fmt import duration, md, score, tokens, usd
 from orchestrator.ledger import Ledger
-from orchestrator.state import Candidate, CandidateChecks, Plan, Review, RunState, Selection
+from orchestrator.state import (
+    Candidate,
+    CandidateChecks,
+    CheckResult,
+    Plan,
+    Review,
+    RunState,
+    Selection,
+)
 from orchestrator.store import BatchItem, BatchRecord, RunRecord, Store
 
 REASONING_CHARS = 4000
@@ -38,6 +47,29 @@ def _reasoning_block(texts: list[str]) -> list[str]:
     ]
 
 
+def _check_lines(results: list[CheckResult]) -> list[str]:
+    """One line per check; a failed check's output tail folded under it."""
+    lines: list[str] = []
+    for res in results:
+        state = "pass" if res.passed else ("timeout" if res.timed_out else "fail")
+        if not res.passed and not res.timed_out:
+            state += f" (exit {res.exit_code})"
+        lines.append(f"- check `{res.command}`: {state}, {duration(res.duration_s)}")
+        if not res.passed and res.output_tail.strip():
+            tail = "\n".join(res.output_tail.strip().splitlines()[-30:])
+            lines += [
+                "",
+                "  <details><summary>check output (tail)</summary>",
+                "",
+                "  ```",
+                *[f"  {ln}" for ln in tail.splitlines()],
+                "  ```",
+                "  </details>",
+                "",
+            ]
+    return lines
+
+
 def _candidate_section(
     c: Candidate,
     checks: CandidateChecks | None,
@@ -63,23 +95,7 @@ def _candidate_section(
         paths = ", ".join(md(p) for p in c.protected)
         lines.append(f"- **changed protected files** (not checked, not committed): {paths}")
     if checks is not None:
-        for res in checks.results:
-            state = "pass" if res.passed else ("timeout" if res.timed_out else "fail")
-            if not res.passed and not res.timed_out:
-                state += f" (exit {res.exit_code})"
-            lines.append(f"- check `{res.command}`: {state}, {duration(res.duration_s)}")
-            if not res.passed and res.output_tail.strip():
-                tail = "\n".join(res.output_tail.strip().splitlines()[-30:])
-                lines += [
-                    "",
-                    "  <details><summary>check output (tail)</summary>",
-                    "",
-                    "  ```",
-                    *[f"  {ln}" for ln in tail.splitlines()],
-                    "  ```",
-                    "  </details>",
-                    "",
-                ]
+        lines += _check_lines(checks.results)
     if c.status == "ok" and not reviews and checks is not None and not checks.passed:
         lines.append("- not reviewed: its checks failed, so it could not be applied")
     for r in reviews:
@@ -166,9 +182,16 @@ def render_markdown(
     lines = [f"# flow run {state.get('run_id', '')}: {md(title)}", ""]
     lines.append(f"- spec: `{spec_path}`")
     lines.append(f"- base: `{base}`")
+    drift = state.get("drift")
     if applied:
+        on_tip = (
+            f" (on the tip of `{drift.branch}`, `{drift.tip[:12]}`)"
+            if drift is not None and drift.committed_on == "tip"
+            else ""
+        )
         lines.append(
             f"- **outcome: applied** on branch `{applied.branch}` as `{applied.commit[:12]}`"
+            + on_tip
         )
     else:
         lines.append(f"- **outcome: {outcome}** — nothing was applied (intended branch `{branch}`)")
@@ -183,7 +206,12 @@ def render_markdown(
     lines.append(f"- cost: {usd(cost)}")
     if dirty_note:
         lines.append(f"- note: {dirty_note}")
+    if drift is not None:
+        lines.append(f"- base drift: {md(drift.note)}")
     lines.append("")
+    if drift is not None and drift.checks:
+        lines += [f"## Checks on the tip of `{drift.branch}` (`{drift.tip[:12]}`)", ""]
+        lines += [*_check_lines(drift.checks), ""]
     if plan:
         lines += ["## Plan", "", md(plan.summary.strip()), ""]
         lines += [f"{i}. {md(s)}" for i, s in enumerate(plan.steps, 1)] + [""]
@@ -218,8 +246,9 @@ def render_batch(
     items: list[BatchItem],
     runs: dict[str, RunRecord],
     spend: dict[str, dict[str, float]],
+    drift: dict[str, str] | None = None,
 ) -> str:
-    """The morning summary of a batch."""
+    """The morning summary of a batch; `drift`: run id → what its base branch's move meant."""
     total = sum(r.cost_usd for r in runs.values())
     budget = batch.options.get("budget_usd")
     lines = [f"# flow batch {batch.batch_id}", ""]
@@ -250,6 +279,10 @@ def render_batch(
             f"{md(k)} {usd(v)}" for k, v in sorted(table.items(), key=lambda kv: -kv[1])
         )
         lines.append(f"- by {dimension}: {parts or '(none)'}")
+    moved = [(i, (drift or {}).get(i.run_id or "")) for i in items]
+    if any(note for _, note in moved):
+        lines += ["", "## Base moved during the run", ""]
+        lines += [f"- `{i.spec_path}`: {md(note)}" for i, note in moved if note]
     not_applied = [i for i in items if i.status != "applied"]
     if not_applied:
         lines += ["", "## Not applied, and why", ""]
@@ -273,7 +306,19 @@ def write_batch_report(fdir: Path, batch_id: str, store: Store, ledger: Ledger) 
             for key, value in ledger.by(dimension, run_id).items():
                 table[key] = table.get(key, 0.0) + value
         spend[dimension] = table
+    drift = {run_id: note for run_id in runs if (note := drift_note(fdir, run_id))}
     path = fdir / "batches" / batch_id / "report.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_batch(batch, items, runs, spend), encoding="utf-8")
+    path.write_text(render_batch(batch, items, runs, spend, drift), encoding="utf-8")
     return path
+
+
+def drift_note(fdir: Path, run_id: str) -> str | None:
+    """The base-drift sentence of a finished run, from its run.json."""
+    try:
+        summary = json.loads((fdir / "runs" / run_id / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    drift = summary.get("drift") if isinstance(summary, dict) else None
+    note = drift.get("note") if isinstance(drift, dict) else None
+    return note if isinstance(note, str) and note else None

@@ -34,6 +34,7 @@ from orchestrator.state import (
     CandidateHeldOut,
     CheckResult,
     CheckTask,
+    Drift,
     HeldOut,
     HeldOutResult,
     HeldOutTask,
@@ -69,6 +70,7 @@ STATE_TYPES = [
     CandidateHeldOut,
     TestTask,
     HeldOutTask,
+    Drift,
 ]
 
 
@@ -77,6 +79,8 @@ class RunOptions(ConfigSource):
     budget_usd: float | None = None
     keep_worktrees: bool = False
     max_concurrency: int = 16
+    onto_tip: bool = False
+    """`--onto-tip`: kept with the run for resume."""
 
 
 class RunResult(BaseModel):
@@ -250,6 +254,7 @@ async def _run(
         ledger=ledger,
         redact=redact,
         keep_worktrees=options.keep_worktrees,
+        onto_tip=options.onto_tip,
         attempts=Attempts(_enough(spec, loaded, len(slots)), passed=_passed_before(saved)),
         dirty_note=(
             "the working tree had uncommitted changes; they were not included "
@@ -298,6 +303,7 @@ async def _run(
             tester_models=[t.model for t in loaded.config.stages.testers],
             reviewers={m: loaded.reviewers_for(m) for m in set(slots)},
             families={name: m.family for name, m in loaded.models.items()},
+            base_branch=await asyncio.to_thread(repo.branch_of, spec.base or "HEAD"),
         )
     )
     try:

@@ -30,8 +30,10 @@ FRONT_MATTER_KEYS = (
     "models",
     "reviews",
     "protect",
+    "apply",
 )
 SLUG_MAX = 60
+_ONTO = ("base", "tip")
 
 _HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
@@ -53,6 +55,7 @@ _EXPECTED = {
     "builders": "expected an integer from 1 to 32, or {max: N, enough: K} with 1 <= K <= N <= 32",
     "reviews": "expected required or optional",
     "protect": "expected a list of globs such as [tests/**, conftest.py], or [] for none",
+    "apply": "expected {onto: base} or {onto: tip}",
     "models": "expected a mapping of stages (planner, builders, reviewers) to model names",
 }
 
@@ -104,6 +107,8 @@ class Spec(BaseModel):
     """Overrides agents.yaml `reviews:`: whether a candidate needs a completed review."""
     protect: list[str] | None = None
     """Globs of files a candidate may not change; None: the defaults of evidence/protect.py."""
+    onto: Literal["base", "tip"] | None = None
+    """`apply: {onto: …}`: overrides agents.yaml's; where a winner goes when the base moved."""
     requirements: list[Requirement]
     digest: str
     """sha256 of the raw bytes of every file read, so a resumed run can tell the spec changed."""
@@ -139,6 +144,15 @@ class FrontMatter(BaseModel):
     models: dict[str, Any] | None = None
     reviews: Literal["required", "optional"] | None = None
     protect: list[str] | None = None
+    apply: dict[str, Literal["base", "tip"]] | None = None
+
+    @field_validator("apply", mode="before")
+    @classmethod
+    def _apply(cls, value: Any) -> Any:
+        good = isinstance(value, dict) and set(value) == {"onto"} and value["onto"] in _ONTO
+        if value is not None and not good:
+            raise ValueError(f"{_EXPECTED['apply']}, got {value!r}")
+        return value
 
     @field_validator("builders", mode="before")
     @classmethod
@@ -495,6 +509,7 @@ def _make_spec(
         models=front.models,
         reviews=front.reviews,
         protect=front.protect,
+        onto=front.apply["onto"] if front.apply else None,
         requirements=requirements,
         digest=digest,
     )

@@ -126,6 +126,30 @@ class Selection(BaseModel):
 class Applied(BaseModel):
     branch: str
     commit: str
+    parent: str | None = None
+    """The commit it was made on: the base, or the base branch's tip (`apply: {onto: tip}`)."""
+
+
+class Drift(BaseModel):
+    """The base branch moved during the run: where the winner stands on its new tip."""
+
+    branch: str
+    base: str
+    tip: str
+    commits: int = 0
+    """Commits on the tip that the base does not have."""
+    applies: bool
+    """Whether the winner's diff applies cleanly on the tip."""
+    why: str = ""
+    """git's reason when it does not apply."""
+    onto_tip: bool = False
+    """Whether the config asked to commit on the tip."""
+    checks: list[CheckResult] = Field(default_factory=list)
+    """The spec's checks on the tip with the winner applied (onto tip only)."""
+    committed_on: Literal["base", "tip"] | None = "base"
+    """Where the winner was committed; None: nowhere (`onto: tip` could not commit there)."""
+    note: str = ""
+    """One sentence for the report, the events and the batch summary."""
 
 
 class BuildTask(BaseModel):
@@ -182,4 +206,7 @@ class RunState(TypedDict, total=False):
     notes: Annotated[list[str], operator.add]
     """What was skipped and why (budget, failures), for the report."""
     selection: Selection | None
+    base_branch: str | None
+    """The branch the base came from (the spec's `base:` or HEAD's branch); None otherwise."""
+    drift: Drift | None
     applied: Applied | None

@@ -417,13 +417,52 @@ class Repo:
         with tempfile.TemporaryDirectory(prefix="flow-index-") as tmp:
             index = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
             self.git("read-tree", base, env=index)
-            args = ("apply", "--cached", "--check", *_APPLY_OPTS)
-            check = _run(self.root, args, env=index, input=patch, check=False)
-            if check.returncode != 0:
-                why = _first_line(check.stderr)
+            why = self._apply_check(patch, index)
+            if why is not None:
                 raise WorkspaceError(f"the candidate diff does not apply to {base[:12]}: {why}")
             self.git("apply", "--cached", *_APPLY_OPTS, env=index, input=patch)
             return self.git("write-tree", env=index)
+
+    def _apply_check(self, patch: bytes, index: dict[str, str]) -> str | None:
+        args = ("apply", "--cached", "--check", *_APPLY_OPTS)
+        check = _run(self.root, args, env=index, input=patch, check=False)
+        return None if check.returncode == 0 else _first_line(check.stderr)
+
+    def apply_problem(self, sha: str, patch: bytes) -> str | None:
+        """Why `patch` does not apply cleanly on commit `sha` (git's first line), or None.
+
+        Judged in a throwaway index: nothing of the user's (work tree, index, HEAD, stash,
+        refs) changes and no object is written.
+        """
+        with tempfile.TemporaryDirectory(prefix="flow-index-") as tmp:
+            index = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            self.git("read-tree", sha, env=index)
+            return self._apply_check(patch, index)
+
+    def tree_with(self, sha: str, patch: bytes) -> str:
+        """The tree `patch` makes of commit `sha` (its objects written, no ref moved)."""
+        return self._tree_with(self.resolve(sha), patch)
+
+    def branch_of(self, rev: str) -> str | None:
+        """The branch `rev` names (`main`, `heads/main`, `refs/heads/main`, or `HEAD` on a
+        branch); None for a tag, a commit id, an expression or a detached HEAD."""
+        if rev.startswith("-"):
+            return None
+        proc = _run(self.root, ("rev-parse", "--symbolic-full-name", rev), check=False)
+        name = _text(proc) if proc.returncode == 0 else ""
+        if "\n" in name or not name.startswith("refs/heads/"):
+            return None
+        return name.removeprefix("refs/heads/")
+
+    def branch_tip(self, branch: str) -> str | None:
+        """The commit branch `branch` points at now; None when it no longer exists."""
+        ref = f"refs/heads/{branch}^{{commit}}"
+        proc = _run(self.root, ("rev-parse", "--verify", "--quiet", ref), check=False)
+        return _text(proc) if proc.returncode == 0 else None
+
+    def commits_between(self, old: str, new: str) -> int:
+        """How many commits `new` has that `old` does not."""
+        return int(self.git("rev-list", "--count", f"{old}..{new}") or 0)
 
     def _exists(self, branch: str) -> BranchExists:
         return BranchExists(

@@ -1,4 +1,6 @@
-"""apply: commit the winner on a new branch from the base; the user's checkout is never touched."""
+"""apply: commit the winner on a new branch from the base, or from the base branch's tip when
+the drift node checked it there (nothing when `onto: tip` could not); create-only, and the
+user's checkout is never touched."""
 
 from __future__ import annotations
 
@@ -54,6 +56,9 @@ async def apply(state: RunState, runtime: Runtime[Context]) -> dict[str, object]
     selection = state.get("selection")
     if selection is None or selection.winner is None:
         return {"notes": notes}
+    drift = state.get("drift")
+    if drift is not None and drift.committed_on is None:
+        return {"notes": notes}  # `onto: tip` could not commit on the tip: the user decides
     ctx.events.emit(StageStarted(run_id=ctx.run_id, stage="apply"))
     winner = next(c for c in state["candidates"] if c.index == selection.winner)
     assert winner.patch is not None
@@ -66,12 +71,13 @@ async def apply(state: RunState, runtime: Runtime[Context]) -> dict[str, object]
         if ctx.repo.branch_exists(branch)
         else ""
     )
+    parent = drift.tip if drift is not None and drift.committed_on == "tip" else state["base_sha"]
     if existing and f"Flow-Run: {ctx.run_id}" in existing:
-        return {"applied": Applied(branch=branch, commit=existing.split()[0]), "notes": notes}
+        sha = existing.split()[0]
+        made_on = ctx.repo.git("rev-parse", f"{sha}^")
+        return {"applied": Applied(branch=branch, commit=sha, parent=made_on), "notes": notes}
     try:
-        sha = await asyncio.to_thread(
-            ctx.repo.commit_patch, state["base_sha"], patch, branch, message
-        )
+        sha = await asyncio.to_thread(ctx.repo.commit_patch, parent, patch, branch, message)
     except BranchExists:
         # Someone created the branch while we worked: keep the paid-for result under a new name.
         branch = f"{branch}-{ctx.run_id[-6:]}"
@@ -82,7 +88,5 @@ async def apply(state: RunState, runtime: Runtime[Context]) -> dict[str, object]
                 message=f"{ctx.spec.branch} appeared during the run; using {branch}",
             )
         )
-        sha = await asyncio.to_thread(
-            ctx.repo.commit_patch, state["base_sha"], patch, branch, message
-        )
-    return {"applied": Applied(branch=branch, commit=sha), "notes": notes}
+        sha = await asyncio.to_thread(ctx.repo.commit_patch, parent, patch, branch, message)
+    return {"applied": Applied(branch=branch, commit=sha, parent=parent), "notes": notes}

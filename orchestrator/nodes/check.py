@@ -13,7 +13,7 @@ from orchestrator.state import Candidate, CandidateChecks, CheckResult, CheckTas
 from orchestrator.workspace import apply_patch
 
 TAIL_CHARS = 4000
-__all__ = ["check_candidate", "missing_programs", "program_of"]
+__all__ = ["check_candidate", "checks_on", "missing_programs", "program_of"]
 
 
 async def check_candidate(ctx: Context, cand: Candidate, base_sha: str) -> CandidateChecks:
@@ -44,11 +44,17 @@ async def run_check(ctx: Context, command: str, path: Path) -> CommandResult:
 
 async def _run_checks(ctx: Context, task: CheckTask) -> list[CheckResult]:
     assert task.candidate.patch is not None
-    path = ctx.worktrees / f"check-{task.candidate.index}"
+    patch = (ctx.run_dir / task.candidate.patch).read_bytes()
+    return await checks_on(ctx, f"check-{task.candidate.index}", task.base_sha, patch)
+
+
+async def checks_on(ctx: Context, name: str, sha: str, patch: bytes) -> list[CheckResult]:
+    """The spec's checks in a fresh checkout of `sha` holding `patch`, named `name` under the
+    run's checkouts; the candidates' checks and the re-check on the base branch's tip."""
+    path = ctx.worktrees / name
     results: list[CheckResult] = []
     try:
-        await asyncio.to_thread(ctx.repo.add_worktree, path, task.base_sha)
-        patch = (ctx.run_dir / task.candidate.patch).read_bytes()
+        await asyncio.to_thread(ctx.repo.add_worktree, path, sha)
         await asyncio.to_thread(apply_patch, path, patch)
         for command in ctx.spec.checks:
             out = await run_check(ctx, command, path)

@@ -55,6 +55,8 @@ async def report(state: RunState, runtime: Runtime[Context]) -> dict[str, object
         "branch": ctx.spec.branch,
         "cost_usd": round(cost, 6),
         "applied": applied.model_dump() if applied else None,
+        "base_branch": state.get("base_branch"),
+        "drift": drift.model_dump() if (drift := state.get("drift")) else None,
         "selection": selection.model_dump() if selection else None,
         "candidates": [c.model_dump() for c in state.get("candidates", [])],
         "checks": [c.model_dump() for c in state.get("checks", [])],
