@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel
 
 from orchestrator.config import LoadedConfig
-from orchestrator.errors import FlowError, WorkspaceError
+from orchestrator.errors import FlowError, KeyRefused, WorkspaceError
 from orchestrator.events import BatchFinished, BatchStarted, SpecSkipped
 from orchestrator.fmt import usd
 from orchestrator.layers import ConfigSource
@@ -185,9 +185,10 @@ async def run_batch(
                 if item.status not in FINISHED
             ]
             await asyncio.gather(*work)
-        if rec.status != "done":
-            store.finish_batch(rec.batch_id, "done")
         final = store.items(rec.batch_id)
+        if rec.status != "done":  # a run stopped by a refused key leaves it resumable
+            done = all(i.status in FINISHED for i in final)
+            store.finish_batch(rec.batch_id, "done" if done else "interrupted")
         cost = sum(ledger.total(i.run_id) for i in final if i.run_id)
         from orchestrator.report import write_batch_report
 
@@ -269,6 +270,11 @@ async def _one(
             result = await run_spec(
                 spec, loaded, repo, events, run_opts, run_id=run_id, shared=shared
             )
+        except KeyRefused as err:  # resumable: running the batch again finishes it
+            store.update_item(
+                item.batch_id, item.position, status="interrupted", reason=str(err)[:300]
+            )
+            return None
         except FlowError as err:
             status = "skipped" if isinstance(err, WorkspaceError) else "failed"
             store.update_item(

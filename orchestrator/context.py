@@ -10,6 +10,7 @@ from orchestrator.config import LoadedConfig
 from orchestrator.ledger import Ledger
 from orchestrator.protocols import EventSink, ModelDoor
 from orchestrator.redact import Redactor
+from orchestrator.siblings import Siblings
 from orchestrator.spec import Spec
 from orchestrator.workspace import Repo
 
@@ -31,6 +32,9 @@ class Context:
     """Adaptive N's gate: which builders start (orchestrator/attempts.py)."""
     onto_tip: bool = False
     """`--onto-tip`: commit on the base branch's tip when it moved, whatever the spec says."""
+    siblings: Siblings = field(default_factory=Siblings)
+    """Builders and reviewers still working; a refused key waits for them before it stops
+    the run (orchestrator/siblings.py)."""
     dirty_note: str | None = None
     """Set when the user's working tree had uncommitted changes, which are not included."""
 

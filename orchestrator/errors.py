@@ -35,7 +35,14 @@ class ProviderError(FlowError):
 
 
 class AuthenticationFailed(ProviderError):
-    """The provider refused the key: every later call would fail too, so the run stops."""
+    """The provider refused the key: every later call to it would fail too."""
+
+
+class KeyRefused(FlowError):
+    """A run stopped because a provider refused its key; the rest of its work is kept and
+    `flow resume` finishes it once the key is fixed."""
+
+    exit_code = 3
 
 
 class Interrupted(FlowError):

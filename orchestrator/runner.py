@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from orchestrator.attempts import Attempts
 from orchestrator.config import LoadedConfig, secret_values
 from orchestrator.context import Context
-from orchestrator.errors import WorkspaceError
+from orchestrator.errors import AuthenticationFailed, KeyRefused, WorkspaceError
 from orchestrator.events import Event, Notice, RunFinished, RunStarted
 from orchestrator.layers import ConfigSource
 from orchestrator.nodes.report import outcome_of
@@ -323,6 +323,16 @@ async def _run(
             commit=result.commit,
             winner=result.winner_model,
         )
+    except AuthenticationFailed as err:
+        # Every other builder and review finished first (orchestrator/siblings.py) and is
+        # checkpointed: the run is resumable once the key is fixed.
+        store.finish_run(
+            run_id, status="interrupted", cost=ledger.total(run_id), error=redact(str(err))[:500]
+        )
+        raise KeyRefused(
+            f"{redact(str(err))}; run {run_id} stopped, finished work kept: fix the key, "
+            f"then `flow resume {run_id}`"
+        ) from None
     except Exception as err:
         store.finish_run(
             run_id,

@@ -182,6 +182,8 @@ class Door:
         self._scripted: dict[str, ScriptedModel] = {}
         self._redactor: Redactor | None = None
         self._seen: dict[str, int] = {}
+        self._refused: dict[str, str] = {}
+        """Providers that refused their key in this run, with what they said."""
 
     async def complete(
         self,
@@ -251,7 +253,16 @@ class Door:
             if stored is not None:
                 await asyncio.to_thread(self._log, rm, stage, "replayed", Usage(), 0.0, rkey)
                 return stored.model_copy(update={"cost_usd": 0.0})
-        return await self._attempts(rm, key, messages, stage, tools, tool_choice, rkey)
+        bucket = self.bucket(rm)
+        refused = self._refused.get(bucket) if bucket else None
+        if refused is not None:  # the provider said no once; it is not asked again this run
+            raise AuthenticationFailed(refused, retryable=False, status=None)
+        try:
+            return await self._attempts(rm, key, messages, stage, tools, tool_choice, rkey)
+        except AuthenticationFailed as err:
+            if bucket:
+                self._refused[bucket] = str(err)
+            raise
 
     def output_tokens(self, rm: ResolvedModel, stage: str) -> int:
         """The output limit sent with a call: the stage's cap, never above the model's."""

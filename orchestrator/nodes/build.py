@@ -1,4 +1,5 @@
-"""build: one builder in its own worktree; never raises, so siblings are never cancelled."""
+"""build: one builder in its own worktree. It raises only for a refused key, and only once
+its siblings are done (orchestrator/siblings.py), so a sibling is never cancelled."""
 
 from __future__ import annotations
 
@@ -34,8 +35,14 @@ def _short(err: BaseException) -> str:
 
 
 async def build(task: BuildTask, runtime: Runtime[Context]) -> dict[str, object]:
-    """Build one candidate, then check it at once (not after the slowest sibling)."""
+    """Build one candidate, then check it at once (not after the slowest sibling).
+
+    A refused key raises, but only once every sibling has finished, so theirs are kept."""
     ctx = runtime.context
+    return await ctx.siblings.run(_build_and_check(task, ctx))
+
+
+async def _build_and_check(task: BuildTask, ctx: Context) -> dict[str, object]:
     if not await ctx.attempts.start(task.index):
         return _not_started(ctx, task)
     passed = False
@@ -133,7 +140,7 @@ async def _build(task: BuildTask, ctx: Context) -> dict[str, Any]:
             else:
                 outcome = await builder.run(request)
         except AuthenticationFailed:
-            raise  # a refused key fails every builder: stop the run and say which key
+            raise  # the key is refused: the run stops once the siblings are done
         except Exception as err:  # the boundary: any failure becomes this candidate's record
             outcome = builder.outcome
             outcome.error = ctx.redact(_short(err))

@@ -21,7 +21,12 @@ class _Submitted(BaseModel):
 
 
 async def review(task: ReviewTask, runtime: Runtime[Context]) -> dict[str, object]:
+    """One review; a refused key raises once the sibling reviews are done."""
     ctx = runtime.context
+    return await ctx.siblings.run(_review(task, ctx))
+
+
+async def _review(task: ReviewTask, ctx: Context) -> dict[str, object]:
     cand = task.candidate
     reviewer = ctx.config.model(task.reviewer)
     record = Review(candidate=cand.index, reviewer=task.reviewer, family=reviewer.family)

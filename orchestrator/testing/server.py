@@ -227,9 +227,15 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self._send(ServerReply(404, owner.error(f"no route {self.path}", "not_found")))
             return
         length = int(self.headers.get("Content-Length") or 0)
-        owner.authorizations.append(
-            self.headers.get("Authorization") or self.headers.get("x-api-key") or ""
-        )
+        given = self.headers.get("Authorization") or self.headers.get("x-api-key") or ""
+        owner.authorizations.append(given)
+        key = given[7:] if given.lower().startswith("bearer ") else given
+        if owner.keys is not None and key not in owner.keys:
+            self.rfile.read(length)
+            with owner._lock:
+                owner.unauthorized += 1
+            self._send(ServerReply(401, owner.error("Incorrect API key provided", "auth_error")))
+            return
         try:
             request = json.loads(self.rfile.read(length) or b"{}")
         except json.JSONDecodeError:
@@ -263,8 +269,13 @@ class ChatServer:
         tier: tuple[int, float, float] | None = None,
         own_usage: bool = False,
         stream_gap_s: float = 0.0,
+        keys: Sequence[str] | None = None,
     ):
         self.handler = handler
+        self.keys = None if keys is None else set(keys)
+        """The API keys it accepts; a request with another is answered 401, as a provider
+        does, and neither served nor billed. None: any key."""
+        self.unauthorized = 0
         self.prices = prices
         """USD per input and per output token for the server's own bill."""
         self.tier = tier
