@@ -19,8 +19,12 @@ from orchestrator.state import CandidateHeldOut, HeldOut, HeldOutTask, TestTask
 
 
 async def test(task: TestTask, runtime: Runtime[Context]) -> dict[str, object]:
-    """One tester: its tests, and how each ran on the base."""
-    ctx = runtime.context
+    """One tester: its tests, and how each ran on the base. A refused key raises only once
+    the builders beside it are done (orchestrator/siblings.py)."""
+    return await runtime.context.siblings.run(_test(task, runtime.context))
+
+
+async def _test(task: TestTask, ctx: Context) -> dict[str, object]:
     model = ctx.config.model(task.model)
     held = HeldOut(index=task.index, model=task.model, family=model.family)
     path = ctx.worktrees / f"test-{task.index}"
