@@ -147,7 +147,7 @@ class Drift(BaseModel):
     checks: list[CheckResult] = Field(default_factory=list)
     """The spec's checks on the tip with the winner applied (onto tip only)."""
     committed_on: Literal["base", "tip"] | None = "base"
-    """Where the winner was committed; None: nowhere (`onto: tip` could not commit there)."""
+    """Where the winner was committed (`onto: tip` that cannot commit on the tip: the base)."""
     note: str = ""
     """One sentence for the report, the events and the batch summary."""
 

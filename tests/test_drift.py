@@ -7,8 +7,8 @@ first reply, it makes a real `git commit` on main in the user's checkout. flow m
 - by default, commit on the old base (where the checks ran) and say that main moved, by how
   many commits, and whether the winner also applies on main's tip;
 - with `apply: {onto: tip}` or `--onto-tip`, commit on the tip only when the winner applies
-  there and the spec's checks pass there, in a fresh checkout; else commit nothing, end
-  `needs-you` (exit 1) and say why, the candidate kept for `flow pick`;
+  there and the spec's checks pass there, in a fresh checkout; else commit on the base, where
+  the checks passed, and say why not on the tip;
 
 and touch nothing of the user's repository before or after the user's commit but its branch.
 """
@@ -231,39 +231,28 @@ def test_onto_tip_commits_on_the_tip_after_its_checks_pass_there(tmp_path: Path)
     assert "committed on the tip" in run.report
 
 
-def test_onto_tip_where_the_users_commit_breaks_the_winner_applies_nothing(
+def test_onto_tip_where_the_users_commit_breaks_the_winner_commits_on_the_base(
     tmp_path: Path,
 ) -> None:
     demo = demo_with_hook(tmp_path)
     run = drifting(tmp_path, demo, BREAKING_TEST, *run_args(demo, "--onto-tip"))
-    assert run.out.returncode == 1, run.output
-    assert run.summary["outcome"] == "needs-you" and run.summary["applied"] is None
-    assert f"refs/heads/{BRANCH}" not in run.branches()
+    assert run.out.returncode == 0, run.output
+    assert run.summary["outcome"] == "applied"
+    assert run.parent() == run.base  # where its checks passed, not the tip where they fail
     drift = run.summary["drift"]
     assert drift["onto_tip"] is True and drift["applies"] is True
-    assert drift["committed_on"] is None
+    assert drift["committed_on"] == "base"
     (tip_check,) = drift["checks"]
     assert not tip_check["passed"] and "test_low" in tip_check["output_tail"]
-    run_id = run.summary["run_id"]
-    why = "check `python3 -m unittest -q` failed (exit 1) there; not applied"
-    assert why in drift["note"] and f"flow pick {run_id} {WINNER}" in drift["note"]
-    assert "**outcome: needs-you**" in run.report
-    assert "failed (exit 1) there; not applied" in run.report
+    why = "check `python3 -m unittest -q` failed (exit 1) there; committed on the base"
+    assert why in drift["note"]
+    assert "there; committed on the base" in run.report
     tip_section = run.report.split("## Checks on the tip of `main`", 1)[1].split("\n## ", 1)[0]
     assert "fail (exit 1)" in tip_section and "test_low" in tip_section
     assert any(why in m for m in run.warnings()), run.warnings()
-    # The candidate is kept, on the base; picking it commits it there.
-    ref = f"refs/flow/{run_id}/{WINNER}"
-    assert git(run.repo, "rev-parse", f"{ref}^") == run.base
-    picked = flow(run.repo, "pick", run_id, str(WINNER))
-    assert picked.returncode == 0, picked.stdout + picked.stderr
-    assert run.parent() == run.base
-    assert git(run.repo, "rev-parse", f"{BRANCH}^{{tree}}") == git(
-        run.repo, "rev-parse", f"{ref}^{{tree}}"
-    )
 
 
-def test_onto_tip_with_a_conflicting_tip_commits_nothing_and_touches_nothing(
+def test_onto_tip_with_a_conflicting_tip_commits_on_the_base_and_touches_nothing(
     tmp_path: Path,
 ) -> None:
     demo = demo_with_hook(tmp_path)  # the spec asks for the tip this time
@@ -279,24 +268,26 @@ def test_onto_tip_with_a_conflicting_tip_commits_nothing_and_touches_nothing(
     (repo / "scratch.txt").write_text("untracked\n")
     objects_before = set(git(repo, "rev-list", "--all", "--objects").splitlines())
     run = drifting(tmp_path, demo, CONFLICT, *run_args(demo))
-    assert run.out.returncode == 1, run.output
-    assert run.summary["outcome"] == "needs-you" and run.summary["applied"] is None
-    # No branch, and no commit made but the user's and the kept candidates.
-    assert run.branches() == ["refs/heads/main"]
+    assert run.out.returncode == 0, run.output
+    assert run.summary["outcome"] == "applied"
+    assert run.branches() == [f"refs/heads/{BRANCH}", "refs/heads/main"]
+    assert run.parent() == run.base
+    # No commit made but the user's, the kept candidates and the branch.
     run_id = run.summary["run_id"]
     kept = git(repo, "for-each-ref", "--format=%(refname)", "refs/flow").split()
     assert f"refs/flow/{run_id}/{WINNER}" in kept
     commits = set(git(repo, "rev-list", "--all").splitlines())
     made = {line.split()[0] for line in commits} - {line.split()[0] for line in objects_before}
-    assert made == {run.tip} | {git(repo, "rev-parse", ref) for ref in kept}
+    ours = {git(repo, "rev-parse", ref) for ref in kept} | {git(repo, "rev-parse", BRANCH)}
+    assert made == {run.tip} | ours
     assert git(repo, "stash", "list").count("\n") == 0 and "stash@{0}" in git(repo, "stash", "list")
     assert git(repo, "diff", "--cached", "--name-only") == "staged.txt"
     assert (repo / "README.md").read_text() == "edited, not staged\n"
     drift = run.summary["drift"]
-    assert drift["applies"] is False and drift["committed_on"] is None and drift["why"]
+    assert drift["applies"] is False and drift["committed_on"] == "base" and drift["why"]
     assert drift["checks"] == []  # nothing to check where it does not apply
-    assert "does not apply cleanly on its tip" in drift["note"] and "not applied" in drift["note"]
-    assert "**outcome: needs-you**" in run.report
+    assert "does not apply cleanly on its tip" in drift["note"]
+    assert "committed on the base" in drift["note"]
     assert any("does not apply cleanly" in m for m in run.warnings())
 
 

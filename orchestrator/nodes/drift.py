@@ -5,8 +5,8 @@ and this node only finds out, for the report, how far the branch moved and wheth
 winner's diff also applies cleanly on its current tip. With `apply: {onto: tip}` (the spec's
 or agents.yaml's) or `--onto-tip`, the tip is the only place it may be committed: when the
 diff applies there, changes no file that is protected at the tip, and the spec's checks pass
-in a fresh checkout of the tip holding it. Anything else leaves it uncommitted (`needs-you`,
-the candidate kept under refs/flow/RUN/N for `flow pick`), saying why. Nothing of the user's
+in a fresh checkout of the tip holding it. Anything else commits it on the base after all,
+where its checks passed, and says why it is not on the tip. Nothing of the user's
 repository changes here: throwaway indexes and flow's own checkouts only.
 """
 
@@ -67,18 +67,13 @@ async def _judge(ctx: Context, branch: str, base: str, tip: str, patch: bytes, i
     record = Drift(
         branch=branch, base=base, tip=tip, commits=commits, applies=False, onto_tip=onto_tip
     )
-    # Where `onto: tip` cannot commit on the tip, nothing is committed: the user decides.
-    refused = (
-        f"; not applied: `flow pick {ctx.run_id} {index}` commits it on the base "
-        f"{base[:12]}, or rerun the spec on the new tip"
-    )
+    # Where `onto: tip` cannot commit on the tip, the winner goes on the base, saying so.
+    refused = f"; committed on the base {base[:12]} instead, where its checks ran"
     why = await asyncio.to_thread(repo.apply_problem, tip, patch)
     if why is not None:
         note = f"{moved}; the winner does not apply cleanly on its tip ({why})"
         if onto_tip:
-            return record.model_copy(
-                update={"why": why, "note": note + refused, "committed_on": None}
-            )
+            return record.model_copy(update={"why": why, "note": note + refused})
         return record.model_copy(update={"why": why, "note": note + "; committed on the base"})
     record.applies = True
     if not onto_tip:
@@ -91,14 +86,14 @@ async def _judge(ctx: Context, branch: str, base: str, tip: str, patch: bytes, i
     tree = await asyncio.to_thread(repo.tree_with, tip, patch)
     if tree == await asyncio.to_thread(repo.git, "rev-parse", f"{tip}^{{tree}}"):
         note = f"{moved}; its tip already holds the winner's changes" + refused
-        return record.model_copy(update={"note": note, "committed_on": None})
+        return record.model_copy(update={"note": note})
     touched = await asyncio.to_thread(_protected_at, ctx, repo, tip, tree, patch)
     if touched:
         note = (
             f"{moved}; on its tip the winner would change protected files "
             f"({', '.join(touched)})" + refused
         )
-        return record.model_copy(update={"note": note, "committed_on": None})
+        return record.model_copy(update={"note": note})
     results = await checks_on(ctx, TIP_CHECKOUT, tip, patch)
     record.checks = results
     failed = [r for r in results if not r.passed]
@@ -108,7 +103,7 @@ async def _judge(ctx: Context, branch: str, base: str, tip: str, patch: bytes, i
             f"{moved}; the winner applies on its tip but check `{failed[0].command}` {what} "
             "there" + refused
         )
-        return record.model_copy(update={"note": note, "committed_on": None})
+        return record.model_copy(update={"note": note})
     count = len(results)
     passed = (
         f"{count} check{'' if count == 1 else 's'} pass there"
