@@ -106,3 +106,30 @@ def test_bad_run_ids_are_clear_errors(tmp_path: Path) -> None:
         out = flow_in(repo, *args)
         assert out.returncode == 2, (args, out.stdout, out.stderr)
         assert words in out.stderr and "Traceback" not in out.stderr
+
+
+def test_reviews_the_budget_cannot_afford_leave_the_run_to_you_and_pick_applies_it(
+    tmp_path: Path,
+) -> None:
+    """Issue 9: every review refused by the budget (a per-call cap below a review's worst
+    case) is no review: nothing is applied, and `flow pick` then commits the candidate."""
+    demo = prepare_demo(tmp_path)
+    with ChatServer(scripted_handler(demo_scripts(demo)), prices=(1e-6, 1e-6)) as srv:
+        cfg = http_config(demo, srv.base_url, retries=0)
+        for name in REVIEWERS:  # a review may cost up to ~$8 (8,192 tokens at $1,000/M)
+            cfg["models"][name]["price"] = {"input": 1.0, "output": 1000.0}
+        cfg["budget"] = {"per_call_usd": 1.0}
+        path = tmp_path / "http.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        out = flow_in(demo.repo, "run", str(demo.spec), "--config", str(path))
+        reviewed = [r for r in srv.requests if r["model"] in REVIEWERS]
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert reviewed == []  # refused before any request: no review was bought
+    summary = json.loads(next((demo.repo / ".flow" / "runs").glob("*/run.json")).read_text())
+    assert summary["outcome"] == "needs-you" and summary["applied"] is None
+    report = next((demo.repo / ".flow" / "runs").glob("*/report.md")).read_text()
+    assert "per-call cap" in report
+    good = next(c for c in summary["candidates"] if c["model"] == "glm-sim")
+    picked = flow_in(demo.repo, "pick", "last", str(good["index"]))
+    assert picked.returncode == 0, picked.stdout + picked.stderr
+    assert git(demo.repo, "rev-parse", "flow/add-median^") == summary["base"]
