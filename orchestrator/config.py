@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator import catalog
 from orchestrator.errors import ConfigError
@@ -17,6 +17,7 @@ from orchestrator.llm.quirks import Quirks, ResolvedQuirks, effective_quirks
 
 SCRIPTED_PREFIX = "scripted/"
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class _Strict(BaseModel):
@@ -157,6 +158,20 @@ class BuilderSettings(_Strict):
 class CheckSettings(_Strict):
     timeout_s: float = Field(default=900.0, gt=0)
     output_cap_bytes: int = Field(default=32_000, ge=256)
+    env: list[str] = Field(default_factory=list)
+    """Variables the checks get although their names look secret (a test database's password);
+    never one that agents.yaml reads a model key from."""
+
+    @field_validator("env")
+    @classmethod
+    def _names(cls, names: list[str]) -> list[str]:
+        for i, name in enumerate(names):
+            if not _VAR_NAME.match(name):
+                raise ValueError(
+                    f"item {i}, {name!r}, is not an environment variable name "
+                    "(letters, digits and _, not starting with a digit)"
+                )
+        return names
 
 
 class ApplySettings(_Strict):
@@ -342,6 +357,21 @@ class LoadedConfig(BaseModel):
         family = self.models[builder_model].family
         names = [r.model for r in self.config.stages.reviewers]
         return [n for n in names if self.models[n].family != family]
+
+    def key_variables(self) -> dict[str, str]:
+        """Every environment variable this config reads a model key from → where it says so:
+        each provider's `api_key` (used by a stage, a fallback or no one) and the vendor
+        variable litellm reads for each bare model id."""
+        found: dict[str, str] = {}
+        for name, provider in self.config.providers.items():
+            if provider.api_key and _ENV_NAME.match(provider.api_key):
+                found.setdefault(provider.api_key, f"providers.{name}.api_key")
+        for model in self.models.values():
+            if model.api == "litellm":
+                vendor = catalog.vendor_of(model.litellm_model)
+                for var in catalog.VENDOR_KEYS.get(vendor, ()):
+                    found.setdefault(var, f"the key litellm reads for models.{model.name}")
+        return found
 
     def fallback_chains(self) -> dict[tuple[str, str], list[str]]:
         """(stage, model) → the models to try after it, from the stage entries."""
@@ -532,9 +562,20 @@ def parse_config(data: Any, source: str = "agents.yaml", base: Path | None = Non
     loaded = LoadedConfig(config=config, path=Path(source) if base else None, models=models)
     try:
         _check_reviewers(loaded)
+        _check_checks_env(loaded)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     return loaded
+
+
+def _check_checks_env(loaded: LoadedConfig) -> None:
+    keys = loaded.key_variables()
+    for i, name in enumerate(loaded.config.checks.env):
+        if name in keys:
+            raise ConfigError(
+                f"checks.env.{i}: {name} is {keys[name]}, and model keys never reach the "
+                f"checks; remove {name} from checks.env"
+            )
 
 
 def read_yaml(path: Path) -> Any:

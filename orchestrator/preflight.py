@@ -10,7 +10,7 @@ import shlex
 import shutil
 from collections.abc import Callable, Mapping
 
-from orchestrator import catalog
+from orchestrator.catalog import VENDOR_KEYS, vendor_of
 from orchestrator.config import LoadedConfig, ResolvedModel, resolve_api_key
 from orchestrator.errors import BudgetExceeded, ConfigError, WorkspaceError
 from orchestrator.proc import sandbox_env
@@ -20,37 +20,13 @@ from orchestrator.workspace import Repo
 PROMPT_ALLOWANCE_TOKENS = 8_000
 """Prompt size assumed for a first call's worst case (the spec, the plan, a repository view)."""
 
-# The variable litellm reads for a bare model id of each vendor (its own table lives in code,
-# `validate_environment`, not in data that can be read without importing litellm).
-VENDOR_KEYS: dict[str, tuple[str, ...]] = {
-    "openai": ("OPENAI_API_KEY",),
-    "anthropic": ("ANTHROPIC_API_KEY",),
-    "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
-    "deepseek": ("DEEPSEEK_API_KEY",),
-    "mistral": ("MISTRAL_API_KEY",),
-    "groq": ("GROQ_API_KEY",),
-    "openrouter": ("OPENROUTER_API_KEY",),
-    "xai": ("XAI_API_KEY",),
-    "moonshot": ("MOONSHOT_API_KEY",),
-    "zai": ("ZAI_API_KEY",),
-    "minimax": ("MINIMAX_API_KEY",),
-    "dashscope": ("DASHSCOPE_API_KEY",),
-    "together_ai": ("TOGETHERAI_API_KEY", "TOGETHER_API_KEY"),
-    "fireworks_ai": ("FIREWORKS_API_KEY", "FIREWORKS_AI_API_KEY"),
-    "cohere": ("COHERE_API_KEY",),
-    "cerebras": ("CEREBRAS_API_KEY",),
-    "perplexity": ("PERPLEXITYAI_API_KEY", "PERPLEXITY_API_KEY"),
-}
-
 
 def vendor_key(model: ResolvedModel, environ: Mapping[str, str] | None = None) -> None:
     """A bare litellm model id needs its vendor's variable; a missing one names it."""
     if model.api != "litellm":
         return
     env = os.environ if environ is None else environ
-    entry = catalog.lookup(model.litellm_model)
-    vendor = str(entry.get("litellm_provider", "")) if entry else ""
-    vendor = vendor or model.litellm_model.split("/", 1)[0]
+    vendor = vendor_of(model.litellm_model)
     names = VENDOR_KEYS.get(vendor)
     if names and not any(env.get(n) for n in names):
         raise ConfigError(

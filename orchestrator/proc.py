@@ -17,14 +17,17 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from pydantic import BaseModel
 
+from orchestrator.redact import secret_name
+from orchestrator.workspace import GIT_REDIRECTS
+
 _KEPT_ENV = frozenset(
     ("PATH", "HOME", "LANG", "TERM", "TMPDIR", "TZ", "USER", "LOGNAME", "SHELL", "VIRTUAL_ENV")
 )
-_SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 _TERM_GRACE_S = 2.0
 """How long a timed-out command gets to exit after SIGTERM before the group is SIGKILLed."""
 _DRAIN_S = 1.0
@@ -52,11 +55,40 @@ def sandbox_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if (k in _KEPT_ENV or k.startswith("LC_"))
-        and not any(marker in k.upper() for marker in _SECRET_MARKERS)
+        if (k in _KEPT_ENV or k.startswith("LC_")) and not secret_name(k)
     }
     env.update(GIT_TERMINAL_PROMPT="0", PYTHONDONTWRITEBYTECODE="1", CI="1")
     env.update(extra or {})
+    return env
+
+
+def checks_env(
+    hidden: Collection[str] = (),
+    hidden_values: Collection[str] = (),
+    allowed: Collection[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment of the spec's checks: the user's own, less what could hand out a key.
+
+    Dropped: variables whose names say they are secrets (`secret_name`) unless `allowed`
+    names them, the variables in `hidden` (those agents.yaml reads model keys from) and any
+    variable whose value is one of `hidden_values` (the keys themselves, under any name),
+    and git's repository redirections. Unlike `sandbox_env` this is not an allowlist:
+    PYTHONPATH, JAVA_HOME, DATABASE_URL and the like are what test suites need.
+    """
+    source = os.environ if environ is None else environ
+    hidden, keys, allowed = set(hidden), set(hidden_values), set(allowed)
+    env = {
+        k: v
+        for k, v in source.items()
+        if k not in hidden
+        and k not in GIT_REDIRECTS
+        and v not in keys
+        and (k in allowed or not secret_name(k))
+    }
+    env["GIT_TERMINAL_PROMPT"] = "0"
+    env.setdefault("CI", "1")
+    env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
     return env
 
 
@@ -71,16 +103,20 @@ def network_isolation() -> str | None:
 
 @functools.cache
 def user_isolation() -> str | None:
-    """The prefix that starts a program in a new user namespace, network kept; None if impossible.
+    """The prefix that starts a program in a new user namespace as the same uid and gid, the
+    network kept; None if impossible.
 
-    For the spec's checks: they run the candidate's code and need the network as the user's
-    own commands would, but must not read flow's environment (API keys) or memory through
-    /proc, which a process in a child user namespace cannot.
+    For the spec's checks: they run the candidate's code and need the network and the user's
+    own identity (`initdb` refuses root, files they create must be the user's), but must not
+    read flow's environment (API keys) or memory through /proc, which a process in a child
+    user namespace cannot, whatever its uid.
     """
-    return _probe((("--user", "--map-root-user"),))
+    me = f'test "$(id -u):$(id -g)" = "{os.getuid()}:{os.getgid()}"'
+    return _probe((("--user", "--map-current-user"),), script=me)
 
 
-def _probe(flag_sets: tuple[tuple[str, ...], ...]) -> str | None:
+def _probe(flag_sets: tuple[tuple[str, ...], ...], script: str = "exit 0") -> str | None:
+    """The first prefix under which `script` (a /bin/sh script) succeeds."""
     unshare = shutil.which("unshare")
     if unshare is None:
         return None
@@ -88,7 +124,7 @@ def _probe(flag_sets: tuple[tuple[str, ...], ...]) -> str | None:
         prefix = [unshare, *flags]
         try:
             probe = subprocess.run(
-                [*prefix, "/bin/sh", "-c", "exit 0"],
+                [*prefix, "/bin/sh", "-c", script],
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 env=sandbox_env(),
@@ -113,8 +149,9 @@ def describe_isolation() -> str:
     mode = network_isolation()
     rest = (
         "they can still read and write every file (and Unix socket) the user running flow "
-        "can. The spec's checks keep the network but run in a user namespace of their own "
-        "(where the machine allows one), so they cannot read flow's environment either."
+        "can. The spec's checks keep the network and run as you, with your environment less "
+        "keys, tokens and passwords, in a user namespace of their own (where the machine "
+        "allows one), so they cannot read flow's environment either."
     )
     if mode is None:
         return (

@@ -6,13 +6,22 @@ import re
 from collections.abc import Mapping
 
 MASK = "[REDACTED]"
-_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 _MIN_SECRET = 8
+
+
+def secret_name(name: str) -> bool:
+    """Whether an environment variable's name says it holds a secret (a key, token, password).
+
+    The one definition: redaction masks such values, and neither builders' commands nor the
+    spec's checks get such variables (checks only where `checks.env` names them).
+    """
+    return _SECRET_NAME.search(name) is not None
 
 
 def environment_secrets(environ: Mapping[str, str]) -> list[str]:
     """Values of environment variables whose names say they are secrets."""
-    return [v for k, v in environ.items() if _SECRET_NAME.search(k) and len(v) >= _MIN_SECRET]
+    return [v for k, v in environ.items() if secret_name(k) and len(v) >= _MIN_SECRET]
 
 
 class Redactor:

@@ -38,6 +38,8 @@ _DROPPED_ENV = (
     "GIT_PREFIX",
     "GIT_QUARANTINE_PATH",
 )
+GIT_REDIRECTS = _DROPPED_ENV
+"""Variables that point git at another repository or index (set inside git hooks, aliases)."""
 # Whatever the user's config says, flow's diffs must be plain, prefixed, binary-safe
 # patches that `git apply` reads back exactly.
 _DIFF_OPTS = (

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from orchestrator.config import LoadedConfig, secret_values
 from orchestrator.context import Context
 from orchestrator.events import CheckDone
 from orchestrator.preflight import missing_programs, program_of
-from orchestrator.proc import CommandResult, run_shell, sandbox_env
+from orchestrator.proc import CommandResult, checks_env, run_shell
 from orchestrator.state import Candidate, CandidateChecks, CheckResult, CheckTask
 from orchestrator.workspace import apply_patch
 
@@ -37,7 +38,7 @@ async def run_check(ctx: Context, command: str, path: Path) -> CommandResult:
         path,
         timeout_s=settings.timeout_s,
         output_cap=settings.output_cap_bytes,
-        env=sandbox_env(),
+        env=_environment(ctx.config),
         isolate_user=True,
     )
 
@@ -81,3 +82,13 @@ async def checks_on(ctx: Context, name: str, sha: str, patch: bytes) -> list[Che
         if not ctx.keep_worktrees:
             await asyncio.to_thread(ctx.repo.remove_worktree, path)
     return results
+
+
+def _environment(loaded: LoadedConfig) -> dict[str, str]:
+    """The user's environment for the checks, less secrets, every variable this config reads
+    a model key from and every key value under any other name; plus `checks.env`."""
+    return checks_env(
+        hidden=loaded.key_variables(),
+        hidden_values=secret_values(loaded),
+        allowed=loaded.config.checks.env,
+    )
