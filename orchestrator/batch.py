@@ -156,7 +156,8 @@ async def run_batch(
         items = store.items(rec.batch_id)
         by_path = {str(s.path): s for s in specs}
         spent = sum(ledger.total(i.run_id) for i in items if i.run_id)
-        cap = Cap("batch", options.budget_usd, spent_usd=min(spent, options.budget_usd))
+        limit = float(rec.options.get("budget_usd", options.budget_usd))  # the lower, if resumed
+        cap = Cap("batch", limit, spent_usd=min(spent, limit))
         events.emit(
             BatchStarted(
                 batch_id=rec.batch_id,

@@ -202,7 +202,7 @@ async def _run(
     shared: Shared,
     base_sha: str,
 ) -> RunResult:
-    from orchestrator.budget import Budget, Cap
+    from orchestrator.budget import Budget
     from orchestrator.graph import build_graph
     from orchestrator.ledger import Ledger
     from orchestrator.llm.door import Door
@@ -229,9 +229,7 @@ async def _run(
     limit = (
         options.budget_usd if options.budget_usd is not None else loaded.config.budget.per_run_usd
     )
-    caps = list(shared.caps)
-    if limit is not None:
-        caps.append(Cap("run", limit, spent_usd=ledger.total(run_id)))
+    caps = _caps(store, ledger, run_id, limit, shared)
     door = Door(
         loaded,
         run_id=run_id,
@@ -364,6 +362,33 @@ def _enough(spec: Spec, loaded: LoadedConfig, slots: int) -> int | None:
     """Adaptive N's `enough`, from the spec or agents.yaml; None: every builder starts."""
     enough = spec.enough or loaded.config.builder.enough
     return None if enough is None or enough >= slots else enough
+
+
+def _caps(
+    store: Store, ledger: Any, run_id: str, limit: float | None, shared: Shared
+) -> list[Cap]:
+    """Every cap that applied when the run first started, whatever resumes it: the stored
+    run cap (the lower of it and today's), and the batch's cap when the run belongs to a
+    batch that is not the one resuming it (`flow resume RUN` of a batch's run)."""
+    from orchestrator.budget import Cap
+
+    batch = next((c for c in shared.caps if c.name == "batch"), None)
+    first = {
+        "run": limit,
+        "batch": batch.limit_usd if batch is not None else None,
+        "batch_id": shared.batch_id,
+    }
+    stored = store.keep_caps(run_id, first)
+    caps = list(shared.caps)
+    runs = [x for x in (stored.get("run"), limit) if x is not None]
+    if runs:
+        caps.append(Cap("run", min(runs), spent_usd=ledger.total(run_id)))
+    if batch is None and stored.get("batch") is not None and stored.get("batch_id"):
+        members = store.runs(limit=10_000, batch_id=stored["batch_id"])
+        spent = sum(ledger.total(r.run_id) for r in members)
+        cap = float(stored["batch"])
+        caps.append(Cap("batch", cap, spent_usd=min(spent, cap)))
+    return caps
 
 
 def _passed_before(saved: Any) -> int:

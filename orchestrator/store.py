@@ -38,6 +38,10 @@ CREATE TABLE IF NOT EXISTS runs (
     pid INTEGER,
     error TEXT
 );
+CREATE TABLE IF NOT EXISTS run_caps (
+    run_id TEXT PRIMARY KEY,
+    caps_json TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS batches (
     batch_id TEXT PRIMARY KEY,
     key TEXT NOT NULL,
@@ -145,6 +149,20 @@ class Store:
             return self._db.execute(sql, args).fetchall()
 
     # runs
+    def keep_caps(self, run_id: str, caps: dict[str, Any]) -> dict[str, Any]:
+        """The caps a run started under: written at its first start, returned ever after
+        (a resume, however it is started, is held to them)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO run_caps (run_id, caps_json) VALUES (?, ?)",
+                (run_id, json.dumps(caps)),
+            )
+            row = self._db.execute(
+                "SELECT caps_json FROM run_caps WHERE run_id=?", (run_id,)
+            ).fetchone()
+        stored: dict[str, Any] = json.loads(row[0])
+        return stored
+
     def start_run(self, rec: RunRecord) -> None:
         self._exec(
             "INSERT INTO runs (run_id, batch_id, spec_path, spec_digest, config_path, title, "
@@ -261,12 +279,22 @@ class Store:
                             f"batch {existing.batch_id} is running in process {existing.pid}"
                         )
                     if existing.status != "done":  # done: reported as is; --new starts over
+                        options = dict(fresh.options)
+                        budgets = [
+                            b
+                            for b in (existing.options.get("budget_usd"), options.get("budget_usd"))
+                            if b is not None
+                        ]
+                        if budgets:  # a batch's cap never rises when it is resumed
+                            options["budget_usd"] = min(budgets)
                         self._db.execute(
                             "UPDATE batches SET status='running', pid=?, finished=NULL, "
                             "options_json=? WHERE batch_id=?",
-                            (mine, json.dumps(fresh.options), existing.batch_id),
+                            (mine, json.dumps(options), existing.batch_id),
                         )
-                        existing = existing.model_copy(update={"status": "running", "pid": mine})
+                        existing = existing.model_copy(
+                            update={"status": "running", "pid": mine, "options": options}
+                        )
                     self._db.execute("COMMIT")
                     return existing, True
                 self._db.execute(

@@ -189,3 +189,54 @@ def test_kill_and_rerun_finishes_the_batch(tmp_path: Path, point: str) -> None:
     assert leftovers == []
     if point == "mid-build":
         assert any(outcome == "replayed" for _, outcome, _, _ in rows)
+
+
+def test_every_cap_a_run_started_under_holds_however_it_is_resumed(tmp_path: Path) -> None:
+    """Issue 8.4: a batch's run killed mid-build and finished with `flow resume RUN` is still
+    under the batch's cap, and the batch run again with a higher --budget keeps the first.
+
+    The cap ($0.12) holds gpt-sim's review (worst case ~$0.09) but never claude-sim's
+    (~$0.14, 8,192 output tokens at $15/M), so any claude-sim review made is a cap dropped."""
+    demo, paths, env = setup(tmp_path, "mid-build")
+    cmd = [sys.executable, "-m", "orchestrator"]
+    batch = [*cmd, "batch", *paths, "--config", str(demo.config), "--parallel", "1", "--json"]
+    with untouched(demo.repo):
+        first = subprocess.run(
+            [*batch, "--budget", "0.12"],
+            cwd=demo.repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            start_new_session=True,
+        )
+    assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
+    [(killed, status)] = runs(demo)
+    assert status == "running"  # stored as it was when the process died
+    resumed = subprocess.run(
+        [*cmd, "resume", killed, "--config", str(demo.config)],
+        cwd=demo.repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert "Traceback" not in resumed.stderr, resumed.stderr
+    again = subprocess.run(
+        [*batch, "--budget", "100"],
+        cwd=demo.repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert "Traceback" not in again.stderr, again.stderr
+    db = sqlite3.connect(demo.repo / ".flow" / "ledger.sqlite")
+    try:
+        rows = db.execute("SELECT run_id, model, outcome, cost_usd FROM calls").fetchall()
+    finally:
+        db.close()
+    assert {r for r, _ in runs(demo)} >= {killed} and len(runs(demo)) == 2
+    assert not [r for r in rows if r[1] == "claude-sim" and r[2] == "ok"], rows
+    assert any(r[1] == "gpt-sim" and r[2] == "ok" for r in rows)  # reviews were not all off
+    assert sum(r[3] for r in rows) <= 0.12
