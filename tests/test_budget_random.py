@@ -272,11 +272,6 @@ async def run_scripted(case: Case, ledger: Ledger) -> None:
         t.join()
 
 
-async def run_http(case: Case, ledger: Ledger) -> None:
-    opened = doors(case, ledger)
-    await asyncio.gather(*(complete(opened[c.door], c) for c in case.calls))
-
-
 def expected(case: Case, call: Call) -> str:
     """What must have happened to a call that was not refused: ok, raise or provider."""
     if call.fail in ("none", "raise"):
@@ -368,31 +363,6 @@ def check_case(case: Case, ledger: Ledger) -> None:
             assert spent[n] <= cap.limit_usd + EPS
             assert cap.spent_usd == pytest.approx(spent[n], rel=1e-12, abs=1e-15)
             assert cap.reserved_usd == 0
-
-
-class FaultyServer:
-    """Scripted replies, after the failures each request's plan asks for (counted per call)."""
-
-    def __init__(self) -> None:
-        self.ok = scripted_handler({MODEL_ID: ScriptedModel(MODEL_ID, brain)})
-        self.attempts: Counter[str] = Counter()
-        self._lock = threading.Lock()
-
-    def __call__(self, request: dict[str, Any]) -> dict[str, Any] | ServerReply:
-        found = PLAN.search(str(request.get("messages")))
-        assert found is not None
-        cid, fail = found.group(1), found.group(5)
-        with self._lock:
-            self.attempts[cid] += 1
-            n = self.attempts[cid]
-        if fail == "400":
-            return ServerReply(400, error_body("invalid request"))
-        if fail.startswith("429") and n <= int(fail[4:]):
-            body = error_body("slow down", "rate_limit_exceeded")
-            return ServerReply(429, body, {"Retry-After": "0.01"})
-        if fail.startswith("500") and n <= int(fail[4:]):
-            return ServerReply(500, error_body("internal", "server_error"))
-        return self.ok(request)
 
 
 @pytest.fixture

@@ -148,10 +148,5 @@ async def run_on_candidate(
 
 
 def informative(results: dict[int, list[HeldOutResult]]) -> set[tuple[int, str]]:
-    """The tests that tell candidates apart: a test every candidate fails says nothing."""
-    keys = {(r.tester, r.name) for rs in results.values() for r in rs}
-    return {
-        k
-        for k in keys
-        if any((r.tester, r.name) == k and r.passed for rs in results.values() for r in rs)
-    }
+    """The tests that tell candidates apart: a test no candidate passes says nothing."""
+    return {(r.tester, r.name) for rs in results.values() for r in rs if r.passed}

@@ -9,6 +9,7 @@ from langgraph.runtime import Runtime
 
 from orchestrator.context import Context
 from orchestrator.events import Selected, StageStarted
+from orchestrator.evidence.heldout import informative
 from orchestrator.fmt import score as score_text
 from orchestrator.state import (
     Candidate,
@@ -71,9 +72,7 @@ def choose(
         return mean(mine) if mine else None
 
     held = {h.candidate: h.results for h in heldout or []}
-    telling = {
-        (r.tester, r.name) for rs in held.values() for r in rs if r.passed
-    }  # a test no candidate passes says nothing
+    telling = informative(held)
 
     def held_passed(c: Candidate) -> int:
         return sum(r.passed for r in held.get(c.index, []) if (r.tester, r.name) in telling)
