@@ -21,6 +21,17 @@ from orchestrator.errors import BudgetExceeded, FlowError, ProviderError
 from orchestrator.llm.messages import Completion
 from orchestrator.protocols import ModelDoor
 from orchestrator.proxy import chat
+from orchestrator.proxy.dialect import Dialect
+
+DIALECTS: dict[str, Dialect] = {"/chat/completions": chat.DIALECT}
+"""Path suffix -> the dialect served there (one module per dialect in this package)."""
+
+
+def dialect_for(path: str) -> Dialect | None:
+    for suffix in sorted(DIALECTS, key=len, reverse=True):
+        if path.endswith(suffix):
+            return DIALECTS[suffix]
+    return None
 
 
 @dataclass
@@ -118,10 +129,10 @@ class Proxy:
         bearer = given[7:] if given.lower().startswith("bearer ") else given
         return self.token in (bearer, headers.get("x-api-key", ""))
 
-    def complete(self, path: str, body: dict[str, Any]) -> Completion:
+    def complete(self, dialect: Dialect, body: dict[str, Any]) -> Completion:
         """Run one door call on the run's loop (called from a server thread)."""
         assert self._loop is not None
-        messages, tools, choice = chat.request_from_wire(body)
+        messages, tools, choice = dialect.request(body)
         future = asyncio.run_coroutine_threadsafe(
             self.door.complete(
                 self.model,
@@ -159,42 +170,43 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.rstrip("/").endswith("/models"):
             self._reply(200, json.dumps(chat.models_list(proxy.model)).encode())
             return
-        self._reply(404, json.dumps(chat.error("not found", "not_found")).encode())
+        self._error(chat.DIALECT, 404, "not found", "not_found_error")
 
     def do_POST(self) -> None:
         proxy: Proxy = self.server.proxy  # type: ignore[attr-defined]
         path = self.path.split("?", 1)[0].rstrip("/")
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
+        dialect = dialect_for(path) or chat.DIALECT
         if not proxy.authorized(self.headers):
-            self._reply(
-                401, json.dumps(chat.error("bad proxy token", "authentication_error")).encode()
-            )
+            self._error(dialect, 401, "bad proxy token", "authentication_error")
             return
-        if not path.endswith("/chat/completions"):
-            self._reply(404, json.dumps(chat.error(f"no route {path}", "not_found")).encode())
+        if dialect_for(path) is None:
+            self._error(dialect, 404, f"no route {path}", "not_found_error")
             return
         try:
             body = json.loads(raw or b"{}")
         except json.JSONDecodeError:
-            self._reply(400, json.dumps(chat.error("request body is not JSON")).encode())
+            self._error(dialect, 400, "request body is not JSON", "invalid_request_error")
+            return
+        local = dialect.local(path, body)
+        if local is not None:  # answered here, no model call (e.g. counting tokens)
+            self._reply(200, json.dumps(local).encode())
             return
         shape = request_shape(path, body)
         try:
-            completion = proxy.complete(path, body)
+            completion = proxy.complete(dialect, body)
         except BudgetExceeded as err:
             proxy.log.refused = str(err)
             proxy.record(CallRecord(path, ok=False, error=str(err), shape=shape))
             proxy.refused.set()
             # 400, not 429: a CLI retries a 429 for minutes; a refusal is final.
-            self._reply(400, json.dumps(chat.error(f"budget: {err}", "budget_exceeded")).encode())
+            self._error(dialect, 400, f"budget: {err}", "invalid_request_error")
             return
         except (ProviderError, FlowError) as err:
             proxy.record(CallRecord(path, ok=False, error=str(err)[:300], shape=shape))
-            status = getattr(err, "status", None) or 502
-            self._reply(
-                int(status), json.dumps(chat.error(str(err)[:300], "provider_error")).encode()
-            )
+            status = int(getattr(err, "status", None) or 502)
+            self._error(dialect, status, str(err)[:300], "api_error")
             return
         proxy.record(
             CallRecord(
@@ -207,6 +219,9 @@ class _Handler(BaseHTTPRequestHandler):
             )
         )
         if body.get("stream"):
-            self._reply(200, chat.sse(completion, body), "text/event-stream")
+            self._reply(200, dialect.sse(completion, body), "text/event-stream")
         else:
-            self._reply(200, json.dumps(chat.response(completion)).encode())
+            self._reply(200, json.dumps(dialect.response(completion, body)).encode())
+
+    def _error(self, dialect: Dialect, status: int, message: str, kind: str) -> None:
+        self._reply(status, json.dumps(dialect.error(message, kind)).encode())

@@ -13,6 +13,7 @@ from typing import Any
 
 from orchestrator.llm import wire
 from orchestrator.llm.messages import Completion, Message, ToolSpec
+from orchestrator.proxy.dialect import Dialect
 
 
 def error(message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
@@ -52,7 +53,7 @@ def _wire_calls(c: Completion) -> list[dict[str, Any]]:
     ]
 
 
-def response(c: Completion) -> dict[str, Any]:
+def response(c: Completion, body: dict[str, Any] | None = None) -> dict[str, Any]:
     msg: dict[str, Any] = {"role": "assistant", "content": c.message.content}
     if c.message.tool_calls:
         msg["tool_calls"] = _wire_calls(c)
@@ -96,3 +97,12 @@ def sse(c: Completion, body: dict[str, Any]) -> bytes:
         chunks.append({**base, "choices": [], "usage": _usage(c)})
     out = b"".join(b"data: " + json.dumps(ch).encode() + b"\n\n" for ch in chunks)
     return out + b"data: [DONE]\n\n"
+
+
+DIALECT = Dialect(
+    "chat",
+    request=request_from_wire,
+    response=response,
+    sse=sse,
+    error=error,
+)
