@@ -44,6 +44,28 @@ class AgentCli(Protocol):
         """The CLI's own word that the run failed, from its JSON events; None when not."""
         ...
 
+    def review(
+        self,
+        task: str,
+        proxy: Proxy,
+        model_id: str,
+        checkout: Path,
+        home: Path,
+        schema: dict[str, object],
+    ) -> Launch | None:
+        """A read-only run that answers with JSON matching `schema` (the CLI's structured
+        output); None when this CLI cannot review."""
+        ...
+
+    def review_result(self, events: list[dict[str, object]], stdout: bytes) -> object | None:
+        """The structured review the CLI returned (a dict to validate), None when none."""
+        ...
+
+    def self_reported(self, events: list[dict[str, object]]) -> tuple[int, int, float] | None:
+        """(prompt tokens, completion tokens, USD) as the CLI itself reports them: used only
+        with `login: true`, where no proxy meters the calls."""
+        ...
+
 
 @dataclass
 class CliRun:

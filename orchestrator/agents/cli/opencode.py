@@ -69,6 +69,32 @@ class OpenCode:
         argv = [exe, "run", "--format", "json", "--pure", "-m", f"flow/{model_id}"]
         return Launch(argv=[*argv, *self.extra_args, task], env=env)
 
+    def review(
+        self,
+        task: str,
+        proxy: Proxy,
+        model_id: str,
+        checkout: Path,
+        home: Path,
+        schema: dict[str, object],
+    ) -> Launch | None:
+        return None  # no structured output: OpenCode builds, it does not review
+
+    def review_result(self, events: list[dict[str, object]], stdout: bytes) -> object | None:
+        return None
+
+    def self_reported(self, events: list[dict[str, object]]) -> tuple[int, int, float] | None:
+        prompt = completion = 0
+        cost = 0.0
+        for event in events:
+            part = event.get("part")
+            if event.get("type") == "step_finish" and isinstance(part, dict):
+                tokens = part.get("tokens") or {}
+                prompt += int(tokens.get("input") or 0)
+                completion += int(tokens.get("output") or 0)
+                cost += float(part.get("cost") or 0.0)
+        return (prompt, completion, cost) if prompt or completion else None
+
     def failed(self, events: list[dict[str, object]]) -> str | None:
         for event in events:
             if event.get("type") == "error":
