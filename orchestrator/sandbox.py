@@ -104,12 +104,26 @@ def _hidden(checkout: Path, objects: Path | None) -> tuple[list[Path], list[Path
     return sorted(set(keep), key=lambda p: len(p.parts)), sorted(set(shown))
 
 
-def confined(checkout: Path, objects: Path | None) -> list[str]:
-    """The prefix that runs a program under bubblewrap in `checkout`; requires `bwrap()`."""
+def confined(
+    checkout: Path,
+    objects: Path | None,
+    *,
+    home: Path | None = None,
+    readable: tuple[Path, ...] = (),
+    network: bool = False,
+) -> list[str]:
+    """The prefix that runs a program under bubblewrap in `checkout`; requires `bwrap()`.
+
+    `home`: a private HOME (an agent CLI's, with its config) bound writable in place of the
+    empty one; `readable`: more paths shown read-only (a proxy's socket directory);
+    `network`: keep the machine's network (only for a CLI on its user's own login).
+    """
     binary = bwrap()
     assert binary is not None, "call confined() only where bwrap() found bubblewrap"
     checkout = checkout.resolve()
     args = [binary, "--unshare-all", "--die-with-parent", "--new-session"]
+    if network:
+        args.append("--share-net")
     args += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
     dirs, files = _hidden(checkout, objects)
     for path in dirs:
@@ -121,7 +135,22 @@ def confined(checkout: Path, objects: Path | None) -> list[str]:
     args += ["--bind", str(checkout), str(checkout)]
     if objects is not None and objects.is_dir():
         args += ["--ro-bind", str(objects.resolve()), str(objects.resolve())]
-    args += ["--dir", PRIVATE_HOME, "--setenv", "HOME", PRIVATE_HOME, "--setenv", "TMPDIR", "/tmp"]
+    for path in readable:
+        args += ["--ro-bind", str(path.resolve()), str(path.resolve())]
+    if home is None:
+        args += [
+            "--dir",
+            PRIVATE_HOME,
+            "--setenv",
+            "HOME",
+            PRIVATE_HOME,
+            "--setenv",
+            "TMPDIR",
+            "/tmp",
+        ]
+    else:
+        home = home.resolve()
+        args += ["--bind", str(home), str(home), "--setenv", "HOME", str(home)]
     return [*args, "--chdir", str(checkout)]
 
 

@@ -11,10 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import shutil
+import socketserver
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import BudgetExceeded, FlowError, ProviderError
@@ -95,7 +99,15 @@ class Proxy:
         self.on_call = on_call or (lambda log: None)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._unix: socketserver.ThreadingUnixStreamServer | None = None
+        self._socket_dir: Path | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        """The same service on a Unix socket, for a CLI whose sandbox has no network: the
+        bridge (proxy/bridge.py) inside it forwards its loopback port here."""
+        assert self._socket_dir is not None, "the proxy is not running"
+        return self._socket_dir / "proxy.sock"
 
     @property
     def port(self) -> int:
@@ -112,17 +124,25 @@ class Proxy:
         httpd.daemon_threads = True
         httpd.proxy = self  # type: ignore[attr-defined]
         self._httpd = httpd
-        self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="flow-proxy-"))
+        unix = socketserver.ThreadingUnixStreamServer(str(self.socket_path), _Handler)
+        unix.daemon_threads = True
+        unix.proxy = self  # type: ignore[attr-defined]
+        self._unix = unix
+        for server in (httpd, unix):
+            threading.Thread(
+                target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+            ).start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._httpd is not None:
-            await asyncio.to_thread(self._httpd.shutdown)
-            self._httpd.server_close()
-        self._httpd = None
+        for server in (self._httpd, self._unix):
+            if server is not None:
+                await asyncio.to_thread(server.shutdown)
+                server.server_close()
+        self._httpd = self._unix = None
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def authorized(self, headers: Any) -> bool:
         given = headers.get("Authorization", "") or ""

@@ -11,11 +11,13 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from orchestrator.proxy import Proxy
+from orchestrator import sandbox
+from orchestrator.proxy import Proxy, bridge
 
 CLI_PATH_ENV = "FLOW_CLI_PATH"
 """Directories searched first for agent CLIs (set by .ci/run to its cache)."""
@@ -101,6 +103,23 @@ def base_env(home: Path, environ: dict[str, str] | None = None) -> dict[str, str
     }
 
 
+def confined_argv(launch: Launch, checkout: Path, home: Path, proxy: Proxy) -> list[str]:
+    """The CLI under bubblewrap: its checkout and private HOME writable, the rest of the
+    machine read-only (HOME's secrets, flow's cache and the user's repository hidden), and no
+    network but its own loopback, where the bridge forwards the proxy's port to the proxy's
+    Unix socket. Without bubblewrap (`sandbox: auto`) the CLI runs unconfined."""
+    if sandbox.bwrap() is None:
+        return launch.argv
+    prefix = sandbox.confined(
+        checkout,
+        sandbox.borrowed_objects(checkout),
+        home=home,
+        readable=(proxy.socket_path.parent, Path(bridge.__file__).parent),
+    )
+    relay = [sys.executable, "-I", bridge.__file__, str(proxy.socket_path), str(proxy.port), "--"]
+    return [*prefix, "--setenv", "TMPDIR", str(home / "tmp"), *relay, *launch.argv]
+
+
 async def run_cli(
     launch: Launch, checkout: Path, home: Path, proxy: Proxy, *, timeout_s: float
 ) -> CliRun:
@@ -110,8 +129,9 @@ async def run_cli(
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text, encoding="utf-8")
     (home / "tmp").mkdir(parents=True, exist_ok=True)
+    argv = await asyncio.to_thread(confined_argv, launch, checkout, home, proxy)
     proc = await asyncio.create_subprocess_exec(
-        *launch.argv,
+        *argv,
         cwd=checkout,
         env=launch.env,
         stdin=asyncio.subprocess.DEVNULL,
