@@ -100,7 +100,7 @@ class BuilderRef(ModelRef):
     go through a per-builder proxy to flow's model door."""
 
 
-AGENT_CLIS = ("opencode",)
+AGENT_CLIS = ("opencode", "claude")
 """Agent CLIs flow can drive (orchestrator/agents/cli/ has one file each)."""
 
 

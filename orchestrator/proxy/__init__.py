@@ -24,10 +24,14 @@ from typing import Any
 from orchestrator.errors import BudgetExceeded, FlowError, ProviderError
 from orchestrator.llm.messages import Completion
 from orchestrator.protocols import ModelDoor
-from orchestrator.proxy import chat
+from orchestrator.proxy import anthropic, chat
 from orchestrator.proxy.dialect import Dialect
 
-DIALECTS: dict[str, Dialect] = {"/chat/completions": chat.DIALECT}
+DIALECTS: dict[str, Dialect] = {
+    "/chat/completions": chat.DIALECT,
+    "/v1/messages": anthropic.DIALECT,
+    anthropic.COUNT_TOKENS: anthropic.DIALECT,
+}
 """Path suffix -> the dialect served there (one module per dialect in this package)."""
 
 

@@ -15,12 +15,13 @@ from pathlib import Path
 
 from orchestrator.agents.builder import BuildOutcome
 from orchestrator.agents.cli.base import AgentCli, run_cli
+from orchestrator.agents.cli.claude import Claude
 from orchestrator.agents.cli.opencode import OpenCode
 from orchestrator.protocols import ModelDoor
 from orchestrator.proxy import Proxy, ProxyLog
 from orchestrator.redact import Redactor
 
-CLIS: dict[str, Callable[..., AgentCli]] = {"opencode": OpenCode}
+CLIS: dict[str, Callable[..., AgentCli]] = {"opencode": OpenCode, "claude": Claude}
 
 
 def parse_events(stdout: bytes) -> list[dict[str, object]]:
