@@ -100,7 +100,7 @@ class BuilderRef(ModelRef):
     go through a per-builder proxy to flow's model door."""
 
 
-AGENT_CLIS = ("opencode", "claude")
+AGENT_CLIS = ("opencode", "claude", "codex")
 """Agent CLIs flow can drive (orchestrator/agents/cli/ has one file each)."""
 
 

@@ -24,13 +24,14 @@ from typing import Any
 from orchestrator.errors import BudgetExceeded, FlowError, ProviderError
 from orchestrator.llm.messages import Completion
 from orchestrator.protocols import ModelDoor
-from orchestrator.proxy import anthropic, chat
+from orchestrator.proxy import anthropic, chat, responses
 from orchestrator.proxy.dialect import Dialect
 
 DIALECTS: dict[str, Dialect] = {
     "/chat/completions": chat.DIALECT,
     "/v1/messages": anthropic.DIALECT,
     anthropic.COUNT_TOKENS: anthropic.DIALECT,
+    "/responses": responses.DIALECT,  # Codex posts to {base_url}/responses
 }
 """Path suffix -> the dialect served there (one module per dialect in this package)."""
 
@@ -73,7 +74,8 @@ class ProxyLog:
 def request_shape(path: str, body: dict[str, Any]) -> dict[str, Any]:
     """What a CLI sends, without the conversation: for the bench and the log."""
     tools = body.get("tools") or []
-    names = [t.get("name") or (t.get("function") or {}).get("name") for t in tools]
+    # Responses tools without a name (web_search, local_shell) are shown by their type.
+    names = [t.get("name") or (t.get("function") or {}).get("name") or t.get("type") for t in tools]
     return {
         "path": path,
         "stream": bool(body.get("stream")),

@@ -16,12 +16,17 @@ from pathlib import Path
 from orchestrator.agents.builder import BuildOutcome
 from orchestrator.agents.cli.base import AgentCli, run_cli
 from orchestrator.agents.cli.claude import Claude
+from orchestrator.agents.cli.codex import Codex
 from orchestrator.agents.cli.opencode import OpenCode
 from orchestrator.protocols import ModelDoor
 from orchestrator.proxy import Proxy, ProxyLog
 from orchestrator.redact import Redactor
 
-CLIS: dict[str, Callable[..., AgentCli]] = {"opencode": OpenCode, "claude": Claude}
+CLIS: dict[str, Callable[..., AgentCli]] = {
+    "opencode": OpenCode,
+    "claude": Claude,
+    "codex": Codex,
+}
 
 
 def parse_events(stdout: bytes) -> list[dict[str, object]]:
