@@ -84,7 +84,9 @@ def test_edit_lands_and_the_key_never_reaches_claude(tmp_path: Path) -> None:
     for path in [*repo.rglob("*"), builder.transcript]:
         if path.is_file():
             assert KEY.encode() not in path.read_bytes(), path
-    assert builder.outcome.turns == 3 == len(server.requests)
+    assert builder.outcome.turns == 3 == len(server.requests)  # no side calls (titles)
+    # Claude Code's system messages between turns reach the upstream as user text.
+    assert all(m["role"] != "system" for r in server.requests for m in r["messages"][1:])
 
 
 def test_budget_cap_ends_claude_with_the_servers_bill_within_the_cap(tmp_path: Path) -> None:

@@ -128,6 +128,24 @@ def test_tool_choice_and_plain_system() -> None:
         assert [(m.role, m.content) for m in messages] == [("system", "Be terse."), ("user", "hi")]
 
 
+def test_system_messages_between_turns_join_the_users_turn() -> None:
+    body = {
+        "system": "Top.",
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Task."}]},
+            {"role": "system", "content": "Agents you may use: none."},
+            {"role": "assistant", "content": "Ok."},
+            {"role": "system", "content": [{"type": "text", "text": "Late note."}]},
+        ],
+    }
+    messages, _, _ = anthropic.request_from_wire(body)
+    assert [m.role for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[1].content == (
+        "Task.\n\n<system-reminder>\nAgents you may use: none.\n</system-reminder>"
+    )
+    assert "Late note." in (messages[3].content or "")
+
+
 def completion(**message: Any) -> Completion:
     return Completion(
         message=Message(role="assistant", **message),

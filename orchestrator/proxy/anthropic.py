@@ -4,8 +4,9 @@ Requests go through litellm's Anthropic adapter to the chat shape flow's Message
 with repairs the adapter does not make: images and documents become a text placeholder
 (flow's messages are text; the adapter turns them into `image_url` parts, or drops a text
 document), a tool result's `is_error` is said in its text (the adapter drops it), hosted
-tools (web search) are left out, and the system prompt is read here (the adapter runs its
-blocks together and keeps Claude Code's billing header). Thinking blocks that carry a
+tools (web search) are left out, the system prompt is read here (the adapter runs its
+blocks together and keeps Claude Code's billing header), and system messages between turns
+join the user's turn. Thinking blocks that carry a
 signature are kept in `provider_fields` for an Anthropic upstream; unsigned ones (flow made
 them from another provider's reasoning) travel back as `reasoning_content` only.
 
@@ -105,7 +106,22 @@ def request_from_wire(body: dict[str, Any]) -> tuple[list[Message], list[ToolSpe
     messages, specs, choice = chat.request_from_wire(openai)
     system = _system(body.get("system"))
     head = [Message.system(system)] if system else []
-    return head + [_signed_only(m) for m in messages], specs, choice
+    return head + _no_midway_system([_signed_only(m) for m in messages]), specs, choice
+
+
+def _no_midway_system(messages: list[Message]) -> list[Message]:
+    """Claude Code's system messages between turns as a reminder in the user's turn: the chat
+    templates of many open models refuse a system message anywhere but first."""
+    out: list[Message] = []
+    for m in messages:
+        if m.role == "system":
+            m = Message.user(f"<system-reminder>\n{m.content or ''}\n</system-reminder>")
+        if m.role == "user" and out and out[-1].role == "user":
+            joined = f"{out[-1].content or ''}\n\n{m.content or ''}"
+            out[-1] = out[-1].model_copy(update={"content": joined})
+        else:
+            out.append(m)
+    return out
 
 
 def _system(system: Any) -> str:
