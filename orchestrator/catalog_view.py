@@ -7,6 +7,7 @@ import os
 from pydantic import BaseModel, Field
 from rich.table import Table
 
+from orchestrator.agent_status import DIALECT, INSTALL, CliStatus
 from orchestrator.config import LoadedConfig, ResolvedModel, resolve_api_key
 from orchestrator.errors import ConfigError
 
@@ -132,5 +133,21 @@ def catalog_table(rows: list[CatalogRow]) -> Table:
             f"{r.max_output_tokens:,}",
             str(r.concurrency or "-"),
             ", ".join(r.used_by) or "-",
+        )
+    return table
+
+
+def agents_table(clis: list[CliStatus]) -> Table:
+    """Agent CLIs: installed where, which version, the dialect flow's proxy speaks to it."""
+    table = Table(title="agent CLIs", title_justify="left")
+    for column in ("agent", "version", "path", "dialect", "used by"):
+        table.add_column(column)
+    for s in clis:
+        table.add_row(
+            s.name,
+            s.version or ("[red]not installed[/]" if s.path is None else "[red]no answer[/]"),
+            s.path or f"install: {INSTALL[s.name]}",
+            DIALECT[s.name],
+            ", ".join(s.used_by) or "-",
         )
     return table

@@ -14,6 +14,7 @@ import typer
 from orchestrator.errors import FlowError
 
 if TYPE_CHECKING:
+    from orchestrator.agent_status import CliStatus
     from orchestrator.layers import Layers
     from orchestrator.protocols import EventSink
     from orchestrator.workspace import Repo
@@ -247,6 +248,13 @@ def validate(
     )
     for warning in loaded.tester_warnings():
         typer.echo(f"warning: {warning}")
+    if loaded.agent_entries():
+        from orchestrator.agent_status import login_warnings, statuses
+
+        for status in statuses(loaded):
+            typer.echo(f"agent {status.name}: {status.version} ({status.path}); {_uses(status)}")
+        for warning in login_warnings(loaded):
+            typer.echo(f"warning: {warning}")
     from orchestrator import sandbox
 
     typer.echo(("sandbox: " if sandbox.bwrap() else "warning: ") + sandbox.describe())
@@ -583,19 +591,44 @@ def models(
 
     from rich.console import Console
 
-    from orchestrator.catalog_view import catalog_rows, catalog_table
+    from orchestrator.catalog_view import agents_table, catalog_rows, catalog_table
 
     layers = _layers(_repo_if_any(repo), config, profile, set_)
-    rows = catalog_rows(layers.resolve())
+    loaded = layers.resolve()
+    rows = catalog_rows(loaded)
+    from orchestrator.agent_status import statuses
+    from orchestrator.config import AGENT_CLIS
+
+    clis = statuses(loaded, list(AGENT_CLIS))
     if as_json:
         for row in rows:
             typer.echo(json.dumps(row.model_dump()))
+        for status in clis:
+            typer.echo(json.dumps({"agent": status.name, **_agent_json(status)}))
         return
     console = Console(width=max(120, Console().width))
     console.print(catalog_table(rows))
     for row in rows:
         for warning in row.warnings:
             console.print(f"[yellow]warning[/]: {row.name}: {warning}")
+    console.print(agents_table(clis))
+    for status in clis:
+        if status.used_by and status.problem:
+            console.print(f"[red]cannot run[/]: {', '.join(status.used_by)}: {status.problem}")
+
+
+def _uses(status: CliStatus) -> str:
+    return "used by " + ", ".join(status.used_by) if status.used_by else "not used"
+
+
+def _agent_json(status: CliStatus) -> dict[str, object]:
+    return {
+        "command": status.command,
+        "path": status.path,
+        "version": status.version,
+        "used_by": status.used_by,
+        "problem": status.problem,
+    }
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -93,15 +93,23 @@ class ModelRef(_Strict):
     errors, context window exceeded)."""
 
 
-class BuilderRef(ModelRef):
-    count: int = Field(default=1, ge=1, le=32)
+class AgentRef(ModelRef):
     agent: str | None = None
-    """An agent CLI (see `agents:`) that builds instead of flow's own loop; its model calls
-    go through a per-builder proxy to flow's model door."""
+    """An agent CLI (see `agents:`) that works instead of flow's own loop; its model calls
+    go through a per-entry proxy to flow's model door."""
+    login: bool = False
+    """Run the CLI on its user's own login (a Claude or ChatGPT plan) instead of a proxy:
+    flow cannot meter or cap those calls and records the CLI's own usage, marked so."""
 
 
-AGENT_CLIS = ("opencode", "claude", "codex")
+class BuilderRef(AgentRef):
+    count: int = Field(default=1, ge=1, le=32)
+
+
+AGENT_CLIS = ("opencode", "claude", "aider", "codex")
 """Agent CLIs flow can drive (orchestrator/agents/cli/ has one file each)."""
+REVIEWING_CLIS = ("claude", "codex")
+"""Those with a read-only mode and structured output, so they can review."""
 
 
 class AgentSettings(_Strict):
@@ -113,12 +121,14 @@ class AgentSettings(_Strict):
     """Extra arguments put before the task."""
     timeout_s: float = Field(default=1800.0, gt=0)
     """Wall-clock limit for one run of the CLI."""
+    login_concurrency: int = Field(default=1, ge=1)
+    """How many runs on the user's own login (`login: true`) may run at once."""
 
 
 class Stages(_Strict):
     planner: ModelRef
     builders: list[BuilderRef] = Field(min_length=1)
-    reviewers: list[ModelRef] = Field(default_factory=list)
+    reviewers: list[AgentRef] = Field(default_factory=list)
     testers: list[ModelRef] = Field(default_factory=list)
     """Held-out acceptance tests: each tester writes tests from the spec's scenarios in a
     checkout of its own; builders never see them, candidates are judged by them."""
@@ -212,12 +222,28 @@ class Config(_Strict):
                 raise ValueError(
                     f"agents.{name}: unknown agent CLI; known: {', '.join(AGENT_CLIS)}"
                 )
-        for i, b in enumerate(self.stages.builders):
-            if b.agent is not None and b.agent not in AGENT_CLIS:
+        agent_refs: list[tuple[str, int, AgentRef]] = [
+            ("builders", i, b) for i, b in enumerate(self.stages.builders)
+        ]
+        agent_refs += [("reviewers", i, r) for i, r in enumerate(self.stages.reviewers)]
+        for stage, i, entry in agent_refs:
+            where = f"stages.{stage}.{i}"
+            if entry.agent is not None and entry.agent not in AGENT_CLIS:
                 raise ValueError(
-                    f"stages.builders.{i}.agent: unknown agent CLI {b.agent!r}; "
+                    f"{where}.agent: unknown agent CLI {entry.agent!r}; "
                     f"known: {', '.join(AGENT_CLIS)}"
                 )
+            if entry.login and entry.agent is None:
+                raise ValueError(f"{where}.login: only an agent CLI runs on a login; add agent:")
+            if stage == "reviewers" and entry.agent and entry.agent not in REVIEWING_CLIS:
+                raise ValueError(
+                    f"{where}.agent: {entry.agent} cannot review (no read-only structured "
+                    f"output); reviewing CLIs: {', '.join(REVIEWING_CLIS)}"
+                )
+        reviewer_models = [r.model for r in self.stages.reviewers]
+        for name in reviewer_models:
+            if reviewer_models.count(name) > 1:
+                raise ValueError(f"stages.reviewers: {name!r} is listed twice; list it once")
         for where, ref in _stage_refs(self.stages):
             if ref not in self.models and "/" not in ref and catalog.lookup(ref) is None:
                 raise ValueError(f"{where}: unknown model {ref!r} (define it under models:)")
@@ -336,8 +362,23 @@ class LoadedConfig(BaseModel):
 
     def builder_agent(self, index: int) -> str | None:
         """The agent CLI of builder slot `index` (slots cycle as in `builder_slots`)."""
-        agents = [b.agent for b in self.config.stages.builders for _ in range(b.count)]
-        return agents[index % len(agents)]
+        return self.builder_entry(index).agent
+
+    def builder_entry(self, index: int) -> BuilderRef:
+        entries = [b for b in self.config.stages.builders for _ in range(b.count)]
+        return entries[index % len(entries)]
+
+    def reviewer_entry(self, model: str) -> AgentRef | None:
+        return next((r for r in self.config.stages.reviewers if r.model == model), None)
+
+    def agent_entries(self) -> list[tuple[str, AgentRef]]:
+        """(where, entry) of every stage entry an agent CLI runs."""
+        stages = self.config.stages
+        found: list[tuple[str, AgentRef]] = [
+            (f"stages.builders.{i}", b) for i, b in enumerate(stages.builders) if b.agent
+        ]
+        found += [(f"stages.reviewers.{i}", r) for i, r in enumerate(stages.reviewers) if r.agent]
+        return found
 
     def tester_warnings(self) -> list[str]:
         """A tester of a family some builder has may share its blind spots: say so."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,13 @@ class Context:
     the run (orchestrator/siblings.py)."""
     dirty_note: str | None = None
     """Set when the user's working tree had uncommitted changes, which are not included."""
+    resuming: bool = False
+    """This process continues an interrupted run."""
+    login_gates: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+    """Per agent CLI: how many runs on the user's own login may run at once."""
+
+    def login_gate(self, agent: str, size: int) -> asyncio.Semaphore:
+        return self.login_gates.setdefault(agent, asyncio.Semaphore(size))
 
     def spent(self) -> float:
         """Money this run has spent so far, from the ledger."""

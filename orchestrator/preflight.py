@@ -164,6 +164,10 @@ def preflight(
                 f"{loaded.path or 'agents.yaml'}: sandbox: required, but bubblewrap cannot run "
                 "here; install it (apt-get install bubblewrap) or set `sandbox: auto`"
             )
+    if loaded.agent_entries():
+        from orchestrator.agent_status import check_agents
+
+        check_agents(loaded)  # a CLI that is not installed fails here, not after the planner
     slots = loaded.builder_slots(builders or spec.builders)
     for name in used_models(loaded, slots):
         model = loaded.model(name)

@@ -70,6 +70,7 @@ def route_reviews(state: RunState) -> list[Send] | Literal["select"]:
                         candidate=cand,
                         reviewer=reviewer,
                         plan=plan,
+                        base_sha=state["base_sha"],
                         checks=checks.results,
                         heldout=heldout.get(cand.index, []),
                     ),

@@ -253,6 +253,7 @@ async def _run(
         redact=redact,
         keep_worktrees=options.keep_worktrees,
         onto_tip=options.onto_tip,
+        resuming=resuming,
         attempts=Attempts(_enough(spec, loaded, len(slots)), passed=_passed_before(saved)),
         dirty_note=(
             "the working tree had uncommitted changes; they were not included "
@@ -291,6 +292,10 @@ async def _run(
 
     if await asyncio.to_thread(sandbox.bwrap) is None:  # said plainly, in the run's first lines
         sink.emit(Notice(run_id=run_id, level="warning", message=sandbox.describe()))
+    from orchestrator.agent_status import login_warnings
+
+    for warning in login_warnings(loaded):
+        sink.emit(Notice(run_id=run_id, level="warning", message=warning))
     state_in: RunState | None = (
         None
         if resuming
@@ -364,9 +369,7 @@ def _enough(spec: Spec, loaded: LoadedConfig, slots: int) -> int | None:
     return None if enough is None or enough >= slots else enough
 
 
-def _caps(
-    store: Store, ledger: Any, run_id: str, limit: float | None, shared: Shared
-) -> list[Cap]:
+def _caps(store: Store, ledger: Any, run_id: str, limit: float | None, shared: Shared) -> list[Cap]:
     """Every cap that applied when the run first started, whatever resumes it: the stored
     run cap (the lower of it and today's), and the batch's cap when the run belongs to a
     batch that is not the one resuming it (`flow resume RUN` of a batch's run)."""

@@ -111,12 +111,14 @@ def confined(
     home: Path | None = None,
     readable: tuple[Path, ...] = (),
     network: bool = False,
+    mounts: tuple[tuple[Path, Path], ...] = (),
 ) -> list[str]:
     """The prefix that runs a program under bubblewrap in `checkout`; requires `bwrap()`.
 
     `home`: a private HOME (an agent CLI's, with its config) bound writable in place of the
     empty one; `readable`: more paths shown read-only (a proxy's socket directory);
-    `network`: keep the machine's network (only for a CLI on its user's own login).
+    `network`: keep the machine's network (only for a CLI on its user's own login);
+    `mounts`: (source, target) bound writable (that CLI's login files, into its HOME).
     """
     binary = bwrap()
     assert binary is not None, "call confined() only where bwrap() found bubblewrap"
@@ -151,6 +153,8 @@ def confined(
     else:
         home = home.resolve()
         args += ["--bind", str(home), str(home), "--setenv", "HOME", str(home)]
+    for source, target in mounts:
+        args += ["--bind", str(source), str(target)]
     return [*args, "--chdir", str(checkout)]
 
 

@@ -46,6 +46,10 @@ class Candidate(BaseModel):
     """Every model that answered this builder (more than one after a fallback)."""
     protected: list[str] = Field(default_factory=list)
     """Protected files the builder changed; their changes are not part of the candidate."""
+    agent: str | None = None
+    """The agent CLI that built it; None for flow's own loop."""
+    metered: bool = True
+    """False when the CLI ran on its user's own login: tokens and cost are its own report."""
 
     @property
     def diff_size(self) -> int:
@@ -181,6 +185,8 @@ class ReviewTask(BaseModel):
     candidate: Candidate
     reviewer: str
     plan: Plan
+    base_sha: str = ""
+    """Where an agent CLI reviewer's checkout starts (the candidate's patch applied on it)."""
     checks: list[CheckResult] = Field(default_factory=list)
     heldout: list[HeldOutResult] = Field(default_factory=list)
 

@@ -32,6 +32,8 @@ class BuildOutcome(BaseModel):
     cost_usd: float = 0.0
     error: str | None = None
     models_used: list[str] = Field(default_factory=list)
+    metered: bool = True
+    """False for an agent CLI on its user's own login: tokens and cost are its own report."""
 
 
 Progress = Callable[[BuildOutcome, str], None]

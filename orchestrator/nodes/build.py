@@ -111,13 +111,13 @@ async def _build(task: BuildTask, ctx: Context) -> dict[str, Any]:
     update(outcome, "running", "starting")
     error: str | None = None
     patch = b""
+    agent = ctx.config.builder_agent(task.index)
     try:
         await asyncio.to_thread(ctx.repo.add_worktree, path, task.base_sha)
         settings = ctx.config.config.builder
         tools = Tools(
             path, command_timeout_s=settings.command_timeout_s, output_cap=settings.output_cap_bytes
         )
-        agent = ctx.config.builder_agent(task.index)
         builder: Builder | CliBuilder
         if agent is not None:
             builder = _cli_builder(ctx, task, agent, update)
@@ -136,7 +136,20 @@ async def _build(task: BuildTask, ctx: Context) -> dict[str, Any]:
         try:
             request = build_request(ctx.spec.body, task.plan, ctx.spec.checks)
             if isinstance(builder, CliBuilder):
-                outcome = await builder.run(request, path)
+                assert agent is not None
+                if ctx.resuming:
+                    notes.append(
+                        f"builder #{task.index} ({agent} CLI) ran again from the base on resume: "
+                        "a CLI's conversation cannot be replayed, so its calls are paid again"
+                    )
+                if builder.login:
+                    size = (
+                        ctx.config.config.agents.get(agent) or AgentSettings()
+                    ).login_concurrency
+                    async with ctx.login_gate(agent, size):
+                        outcome = await builder.run(request, path)
+                else:
+                    outcome = await builder.run(request, path)
             else:
                 outcome = await builder.run(request)
         except AuthenticationFailed:
@@ -160,6 +173,13 @@ async def _build(task: BuildTask, ctx: Context) -> dict[str, Any]:
         if not ctx.keep_worktrees:
             await asyncio.to_thread(ctx.repo.remove_worktree, path)
     candidate = _candidate(ctx, task, model.family, outcome, error, patch)
+    if agent is not None:
+        candidate = candidate.model_copy(update={"agent": agent, "metered": outcome.metered})
+        if not outcome.metered:
+            notes.append(
+                f"builder #{task.index} ({agent} on your own login) was not metered by flow: "
+                "its tokens and cost are the CLI's own report and no cap applied to them"
+            )
     if dropped:
         candidate = candidate.model_copy(update={"protected": dropped})
         notes.append(
@@ -216,6 +236,7 @@ def _cli_builder(
         scope=f"build-{task.index}",
         fallbacks=ctx.config.fallback_chains().get(("build", task.model)),
         progress=lambda o, action: update(o, "running", action),
+        login=ctx.config.builder_entry(task.index).login,
     )
 
 

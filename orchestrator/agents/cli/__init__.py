@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.agents.builder import BuildOutcome
-from orchestrator.agents.cli.base import AgentCli, run_cli
+from orchestrator.agents.cli.base import AgentCli, CliRun, Launch, run_cli
 from orchestrator.agents.cli.claude import Claude
 from orchestrator.agents.cli.codex import Codex
 from orchestrator.agents.cli.opencode import OpenCode
@@ -44,7 +44,8 @@ def parse_events(stdout: bytes) -> list[dict[str, object]]:
 
 
 class CliBuilder:
-    """`run(task, checkout) -> BuildOutcome`, like flow's own loop."""
+    """`run(task, checkout) -> BuildOutcome`, like flow's own loop; `review(...)` for a
+    reviewing CLI. One instance runs one CLI session."""
 
     def __init__(
         self,
@@ -57,15 +58,18 @@ class CliBuilder:
         redact: Redactor,
         timeout_s: float,
         scope: str,
+        stage: str = "build",
         fallbacks: list[str] | None = None,
         progress: Callable[[BuildOutcome, str], None] | None = None,
+        login: bool = False,
     ):
         self.door, self.model, self.model_id, self.cli = door, model, model_id, cli
         self.transcript, self.redact, self.timeout_s = transcript, redact, timeout_s
-        self.scope, self.fallbacks = scope, fallbacks
+        self.scope, self.stage, self.fallbacks, self.login = scope, stage, fallbacks, login
         self.progress = progress or (lambda o, a: None)
         self.outcome = BuildOutcome()
         self.log = ProxyLog()
+        self.events: list[dict[str, object]] = []
 
     def _tally(self, log: ProxyLog) -> None:
         o = self.outcome
@@ -75,30 +79,83 @@ class CliBuilder:
         o.cost_usd = sum(c.cost_usd for c in log.calls)
         self.progress(o, f"{self.cli.name} call {len(log.calls)}")
 
-    async def run(self, task: str, checkout: Path) -> BuildOutcome:
+    async def _session(
+        self, make: Callable[[Proxy | None, Path], Launch | None], checkout: Path
+    ) -> CliRun:
         home = Path(tempfile.mkdtemp(prefix=f"flow-{self.cli.name}-home-"))
         try:
-            async with Proxy(
-                self.door,
-                self.model,
-                stage="build",
-                scope=self.scope,
-                fallbacks=self.fallbacks,
-                on_call=self._tally,
-            ) as proxy:
-                launch = self.cli.launch(task, proxy, self.model_id, checkout, home)
-                result = await run_cli(launch, checkout, home, proxy, timeout_s=self.timeout_s)
-                self.log = proxy.log
+            if self.login:
+                launch = make(None, home)
+                if launch is None:
+                    raise ValueError(f"{self.cli.name} has no login mode")
+                result = await run_cli(
+                    launch, checkout, home, None, timeout_s=self.timeout_s, cli=self.cli
+                )
+            else:
+                async with Proxy(
+                    self.door,
+                    self.model,
+                    stage=self.stage,
+                    scope=self.scope,
+                    fallbacks=self.fallbacks,
+                    on_call=self._tally,
+                ) as proxy:
+                    launch = make(proxy, home)
+                    if launch is None:
+                        raise ValueError(f"{self.cli.name} cannot do this")
+                    result = await run_cli(
+                        launch, checkout, home, proxy, timeout_s=self.timeout_s, cli=self.cli
+                    )
+                    self.log = proxy.log
         finally:
             shutil.rmtree(home, ignore_errors=True)
-        self._drop(checkout)
-        events = parse_events(result.stdout)
+        self.events = parse_events(result.stdout)
         self._keep_transcript(result.stdout, result.stderr)
+        return result
+
+    async def run(self, task: str, checkout: Path) -> BuildOutcome:
+        def make(proxy: Proxy | None, home: Path) -> Launch | None:
+            if proxy is None:
+                return self.cli.login_launch(task, self.model_id, checkout, home)
+            return self.cli.launch(task, proxy, self.model_id, checkout, home)
+
+        result = await self._session(make, checkout)
+        self._drop(checkout)
         self.outcome.models_used = [self.model]
-        self.outcome.error = self._verdict(result.exit_code, result.timed_out, events)
+        if self.login:
+            self._self_reported()
+        self.outcome.error = self._verdict(result.exit_code, result.timed_out, self.events)
         if self.outcome.error is None:
-            self.outcome.summary = f"{self.cli.name}: {self.log.ok_calls} model calls"
+            calls = self.outcome.turns if self.login else self.log.ok_calls
+            self.outcome.summary = f"{self.cli.name}: {calls} model calls"
         return self.outcome
+
+    async def review(self, task: str, checkout: Path, schema: dict[str, object]) -> object:
+        """The CLI's structured review (to validate as flow's own submit_review); raises
+        ValueError with the reason when there is none."""
+
+        def make(proxy: Proxy | None, home: Path) -> Launch | None:
+            assert proxy is not None, "reviews run through the proxy"
+            return self.cli.review(task, proxy, self.model_id, checkout, home, schema)
+
+        result = await self._session(make, checkout)
+        self.outcome.cost_usd = sum(c.cost_usd for c in self.log.calls)
+        error = self._verdict(result.exit_code, result.timed_out, self.events)
+        if error is not None:
+            raise ValueError(error)
+        got = self.cli.review_result(self.events, result.stdout)
+        if got is None:
+            raise ValueError(f"{self.cli.name} returned no structured review")
+        return got
+
+    def _self_reported(self) -> None:
+        said = self.cli.self_reported(self.events)
+        o = self.outcome
+        o.metered = False
+        if said is not None:
+            o.prompt_tokens, o.completion_tokens, o.cost_usd = said
+            o.turns = max(1, o.turns)
+        self.progress(o, f"{self.cli.name} (own login, not metered)")
 
     def _verdict(
         self, code: int | None, timed_out: bool, events: list[dict[str, object]]
@@ -113,6 +170,8 @@ class CliBuilder:
         said = self.cli.failed(events)
         if said:
             return self.redact(f"{self.cli.name} reported an error: {said}")
+        if self.login:  # no proxy: the CLI's word is all there is
+            return None
         if log.ok_calls == 0:
             return (
                 f"{self.cli.name} exited 0 but no model call succeeded ({log.failed_calls} failed)"

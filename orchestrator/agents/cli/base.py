@@ -9,18 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from orchestrator import sandbox
+from orchestrator.agent_status import CLI_PATH_ENV
+from orchestrator.agent_status import find as find  # the CLI files find their command here
 from orchestrator.proxy import Proxy, bridge
-
-CLI_PATH_ENV = "FLOW_CLI_PATH"
-"""Directories searched first for agent CLIs (set by .ci/run to its cache)."""
 
 
 @dataclass
@@ -37,6 +36,8 @@ class AgentCli(Protocol):
     name: str
     dialect: str
     droppings: tuple[str, ...]
+    login_files: tuple[str, ...]
+    """Paths under the user's HOME that hold the CLI's own login (for `login: true`)."""
 
     def launch(
         self, task: str, proxy: Proxy, model_id: str, checkout: Path, home: Path
@@ -44,6 +45,10 @@ class AgentCli(Protocol):
 
     def failed(self, events: list[dict[str, object]]) -> str | None:
         """The CLI's own word that the run failed, from its JSON events; None when not."""
+        ...
+
+    def login_launch(self, task: str, model_id: str, checkout: Path, home: Path) -> Launch | None:
+        """The build on the user's own login (no proxy); None when the CLI has no login."""
         ...
 
     def review(
@@ -78,13 +83,6 @@ class CliRun:
     refused: bool = False
 
 
-def find(command: str, environ: dict[str, str] | None = None) -> str | None:
-    env = os.environ if environ is None else environ
-    extra = env.get(CLI_PATH_ENV, "")
-    path = os.pathsep.join(p for p in (extra, env.get("PATH", "")) if p)
-    return shutil.which(command, path=path)
-
-
 def base_env(home: Path, environ: dict[str, str] | None = None) -> dict[str, str]:
     env = os.environ if environ is None else environ
     path = os.pathsep.join(p for p in (env.get(CLI_PATH_ENV, ""), env.get("PATH", "")) if p)
@@ -103,33 +101,70 @@ def base_env(home: Path, environ: dict[str, str] | None = None) -> dict[str, str
     }
 
 
-def confined_argv(launch: Launch, checkout: Path, home: Path, proxy: Proxy) -> list[str]:
+def confined_argv(
+    launch: Launch, checkout: Path, home: Path, proxy: Proxy | None, login: tuple[Path, ...] = ()
+) -> list[str]:
     """The CLI under bubblewrap: its checkout and private HOME writable, the rest of the
     machine read-only (HOME's secrets, flow's cache and the user's repository hidden), and no
     network but its own loopback, where the bridge forwards the proxy's port to the proxy's
-    Unix socket. Without bubblewrap (`sandbox: auto`) the CLI runs unconfined."""
+    Unix socket. On the user's own login (no proxy) the CLI keeps the network and its login
+    files. Without bubblewrap (`sandbox: auto`) the CLI runs unconfined."""
     if sandbox.bwrap() is None:
         return launch.argv
+    user_home = Path(os.path.expanduser("~"))
     prefix = sandbox.confined(
         checkout,
         sandbox.borrowed_objects(checkout),
         home=home,
-        readable=(proxy.socket_path.parent, Path(bridge.__file__).parent),
+        readable=(Path(bridge.__file__).parent,)
+        + ((proxy.socket_path.parent,) if proxy is not None else ()),
+        network=proxy is None,
+        mounts=tuple((user_home / rel, home / rel) for rel in login),
     )
+    prefix += ["--setenv", "TMPDIR", str(home / "tmp")]
+    if proxy is None:
+        return [*prefix, *launch.argv]
     relay = [sys.executable, "-I", bridge.__file__, str(proxy.socket_path), str(proxy.port), "--"]
-    return [*prefix, "--setenv", "TMPDIR", str(home / "tmp"), *relay, *launch.argv]
+    return [*prefix, *relay, *launch.argv]
+
+
+def _login_files(cli: AgentCli | None, home: Path) -> tuple[Path, ...]:
+    """The CLI's login files of the user's HOME that exist; linked into the private HOME
+    when there is no sandbox to bind them."""
+    if cli is None:
+        return ()
+    user_home = Path(os.path.expanduser("~"))
+    found = tuple(Path(rel) for rel in cli.login_files if (user_home / rel).exists())
+    for rel in found:
+        target = home / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if sandbox.bwrap() is None:
+            target.symlink_to(user_home / rel)
+        elif (user_home / rel).is_dir():
+            target.mkdir(exist_ok=True)
+        else:
+            target.touch()
+    return found
 
 
 async def run_cli(
-    launch: Launch, checkout: Path, home: Path, proxy: Proxy, *, timeout_s: float
+    launch: Launch,
+    checkout: Path,
+    home: Path,
+    proxy: Proxy | None,
+    *,
+    timeout_s: float,
+    cli: AgentCli | None = None,
 ) -> CliRun:
-    """Run to the end, the time limit, or the proxy's budget refusal (then it is ended)."""
+    """Run to the end, the time limit, or the proxy's budget refusal (then it is ended).
+    `proxy` None: the CLI runs on its user's own login (`cli.login_files`)."""
     for rel, text in launch.files.items():
         target = home / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text, encoding="utf-8")
     (home / "tmp").mkdir(parents=True, exist_ok=True)
-    argv = await asyncio.to_thread(confined_argv, launch, checkout, home, proxy)
+    login = _login_files(cli, home) if proxy is None else ()
+    argv = await asyncio.to_thread(confined_argv, launch, checkout, home, proxy, login)
     proc = await asyncio.create_subprocess_exec(
         *argv,
         cwd=checkout,
@@ -140,14 +175,15 @@ async def run_cli(
         start_new_session=True,
     )
     talk = asyncio.ensure_future(proc.communicate())
-    refused = asyncio.ensure_future(asyncio.to_thread(proxy.refused.wait, timeout_s))
+    refused_flag = proxy.refused if proxy is not None else threading.Event()
+    refused = asyncio.ensure_future(asyncio.to_thread(refused_flag.wait, timeout_s))
     done, _ = await asyncio.wait({talk, refused}, timeout=timeout_s, return_when="FIRST_COMPLETED")
-    stopped_by_cap = talk not in done and proxy.refused.is_set()
+    stopped_by_cap = talk not in done and refused_flag.is_set()
     timed_out = talk not in done and not stopped_by_cap
     if talk not in done:
         _kill_group(proc.pid)
     out, err = await talk
-    proxy.refused.set()  # lets the waiting thread end
+    refused_flag.set()  # lets the waiting thread end
     await refused
     return CliRun(proc.returncode, out, err, timed_out=timed_out, refused=stopped_by_cap)
 

@@ -15,6 +15,7 @@ class OpenCode:
     name = "opencode"
     dialect = "chat"
     droppings: tuple[str, ...] = ()
+    login_files: tuple[str, ...] = (".local/share/opencode/auth.json",)
 
     def __init__(self, command: str = "opencode", extra_args: list[str] | None = None):
         self.command = command
@@ -67,6 +68,14 @@ class OpenCode:
         )
         exe = find(self.command) or self.command
         argv = [exe, "run", "--format", "json", "--pure", "-m", f"flow/{model_id}"]
+        return Launch(argv=[*argv, *self.extra_args, task], env=env)
+
+    def login_launch(self, task: str, model_id: str, checkout: Path, home: Path) -> Launch | None:
+        # The user's own OpenCode providers (auth.json), the model named as OpenCode knows it.
+        env = base_env(home)
+        env.update({"OPENCODE_DISABLE_PROJECT_CONFIG": "1", "OPENCODE_DISABLE_AUTOUPDATE": "1"})
+        exe = find(self.command) or self.command
+        argv = [exe, "run", "--format", "json", "--pure", "-m", model_id]
         return Launch(argv=[*argv, *self.extra_args, task], env=env)
 
     def review(
