@@ -109,9 +109,7 @@ def test_models_lists_every_cli_with_its_version_and_dialect(demo: DemoPaths) ->
     out = flow("models", "--json", "--config", str(demo.config), "--repo", str(demo.repo))
     assert out.returncode == 0, out.stderr
     agents = {
-        row["agent"]: row
-        for row in map(json.loads, out.stdout.splitlines())
-        if "agent" in row
+        row["agent"]: row for row in map(json.loads, out.stdout.splitlines()) if "agent" in row
     }
     assert set(agents) == {"opencode", "claude", "aider", "codex"}
     assert agents["codex"]["version"] == "codex-cli 0.171.0"

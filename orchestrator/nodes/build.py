@@ -225,10 +225,16 @@ def _cli_builder(
 ) -> CliBuilder:
     """An agent CLI in this builder's checkout, its model calls through a proxy to the door."""
     settings = ctx.config.config.agents.get(agent) or AgentSettings()
+    login = ctx.config.builder_entry(task.index).login
+    if login:  # the model as the CLI itself names it on the user's login
+        defined = ctx.config.config.models.get(task.model)
+        model_id = defined.id if defined is not None else task.model
+    else:  # the proxy serves one model under its provider's id
+        model_id = ctx.config.model(task.model).litellm_model.split("/", 1)[-1]
     return CliBuilder(
         ctx.door,
         task.model,
-        ctx.config.model(task.model).litellm_model.split("/", 1)[-1],
+        model_id,
         cli_for(agent, settings.command, settings.args),
         transcript=ctx.run_dir / "transcripts" / f"build-{task.index}.jsonl",
         redact=ctx.redact,
@@ -236,7 +242,7 @@ def _cli_builder(
         scope=f"build-{task.index}",
         fallbacks=ctx.config.fallback_chains().get(("build", task.model)),
         progress=lambda o, action: update(o, "running", action),
-        login=ctx.config.builder_entry(task.index).login,
+        login=login,
     )
 
 

@@ -9,13 +9,22 @@ from orchestrator.agents.cli.base import Launch, base_env, find
 from orchestrator.proxy import Proxy
 
 TOKEN_ENV = "FLOW_PROXY_TOKEN"
+_QUIET = (
+    "OPENCODE_DISABLE_PROJECT_CONFIG",
+    "OPENCODE_DISABLE_AUTOUPDATE",
+    "OPENCODE_DISABLE_MODELS_FETCH",
+    "OPENCODE_DISABLE_SHARE",
+    "OPENCODE_DISABLE_DEFAULT_PLUGINS",
+    "OPENCODE_DISABLE_LSP_DOWNLOAD",
+)
+"""No project config, update, catalogue fetch, sharing, default plugins or LSP downloads."""
 
 
 class OpenCode:
     name = "opencode"
     dialect = "chat"
     droppings: tuple[str, ...] = ()
-    login_files: tuple[str, ...] = (".local/share/opencode/auth.json",)
+    login_files: tuple[str, ...] = (".local/share/opencode/auth.json", ".config/opencode")
 
     def __init__(self, command: str = "opencode", extra_args: list[str] | None = None):
         self.command = command
@@ -58,12 +67,7 @@ class OpenCode:
             {
                 TOKEN_ENV: proxy.token,
                 "OPENCODE_CONFIG_CONTENT": json.dumps(self.config(proxy, model_id)),
-                "OPENCODE_DISABLE_PROJECT_CONFIG": "1",
-                "OPENCODE_DISABLE_AUTOUPDATE": "1",
-                "OPENCODE_DISABLE_MODELS_FETCH": "1",
-                "OPENCODE_DISABLE_SHARE": "1",
-                "OPENCODE_DISABLE_DEFAULT_PLUGINS": "1",
-                "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
+                **{k: "1" for k in _QUIET},
             }
         )
         exe = find(self.command) or self.command
@@ -73,7 +77,7 @@ class OpenCode:
     def login_launch(self, task: str, model_id: str, checkout: Path, home: Path) -> Launch | None:
         # The user's own OpenCode providers (auth.json), the model named as OpenCode knows it.
         env = base_env(home)
-        env.update({"OPENCODE_DISABLE_PROJECT_CONFIG": "1", "OPENCODE_DISABLE_AUTOUPDATE": "1"})
+        env.update({k: "1" for k in _QUIET})
         exe = find(self.command) or self.command
         argv = [exe, "run", "--format", "json", "--pure", "-m", model_id]
         return Launch(argv=[*argv, *self.extra_args, task], env=env)
