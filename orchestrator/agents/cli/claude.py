@@ -27,10 +27,23 @@ NO_MCP = json.dumps({"mcpServers": {}})
 SETTINGS = {"includeCoAuthoredBy": False, "cleanupPeriodDays": 1}
 
 
+_QUIET = {
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+    "DISABLE_TELEMETRY": "1",
+    "DISABLE_ERROR_REPORTING": "1",
+    "DISABLE_AUTOUPDATER": "1",
+    "DISABLE_BUG_COMMAND": "1",
+    "CLAUDE_CODE_IDE_SKIP_AUTO_INSTALL": "1",
+    "IS_SANDBOX": "1",
+}
+
+
 class Claude:
     name = "claude"
     dialect = "anthropic"
     droppings: tuple[str, ...] = ()
+    # A Claude Pro/Max login: ~/.claude/.credentials.json and the account in ~/.claude.json.
+    login_files: tuple[str, ...] = (".claude", ".claude.json")
 
     def __init__(self, command: str = "claude", extra_args: list[str] | None = None):
         self.command = command
@@ -95,6 +108,13 @@ class Claude:
         mode = ["--permission-mode", "bypassPermissions", "--disallowedTools", NOT_FOR_BUILDERS]
         argv = self._argv(task, model_id, *mode)
         return Launch(argv=argv, env=self.env(proxy, model_id, home), files=self._files())
+
+    def login_launch(self, task: str, model_id: str, checkout: Path, home: Path) -> Launch | None:
+        # The user's own subscription: no base URL and no key, so Claude Code uses its login.
+        env = base_env(home)
+        env.update({k: v for k, v in _QUIET.items()})
+        mode = ["--permission-mode", "bypassPermissions", "--disallowedTools", NOT_FOR_BUILDERS]
+        return Launch(argv=self._argv(task, model_id, *mode), env=env)
 
     def review(
         self,
