@@ -53,6 +53,8 @@ class Codex:
     name = "codex"
     dialect = "responses"
     droppings: tuple[str, ...] = ()
+    # A ChatGPT-plan login: the user's ~/.codex (auth.json and their own config.toml).
+    login_files: tuple[str, ...] = (".codex",)
 
     def __init__(self, command: str = "codex", extra_args: list[str] | None = None):
         self.command = command
@@ -113,6 +115,15 @@ class Codex:
         # flow confines the CLI itself (bubblewrap), so Codex's own sandbox would only nest.
         mode = ["--dangerously-bypass-approvals-and-sandbox"]
         return self._launch(task, proxy, model_id, checkout, home, mode)
+
+    def login_launch(self, task: str, model_id: str, checkout: Path, home: Path) -> Launch | None:
+        env = base_env(home)
+        env["CODEX_HOME"] = str(home / ".codex")  # the user's own, lent to the private HOME
+        exe = find(self.command) or self.command
+        argv = [exe, "exec", "--json", "--ephemeral", "--skip-git-repo-check", "-C", str(checkout)]
+        argv += ["-m", model_id, "--dangerously-bypass-approvals-and-sandbox"]
+        argv += ["-c", "analytics.enabled=false", "-c", "check_for_update_on_startup=false"]
+        return Launch(argv=[*argv, *self.extra_args, "--", task], env=env)
 
     def review(
         self,
