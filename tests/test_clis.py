@@ -223,3 +223,48 @@ def test_every_call_failing_yields_a_failed_candidate(tmp_path: Path) -> None:
     assert builder.outcome.error is not None
     assert builder.log.ok_calls == 0 and builder.log.failed_calls >= 1
     assert worktree_diff(repo, base) == b""
+
+
+def test_a_refused_key_ends_the_cli_and_stops_like_flows_own_loop(tmp_path: Path) -> None:
+    from orchestrator.errors import AuthenticationFailed
+
+    def refuse(request: dict[str, Any]) -> ServerReply:
+        return ServerReply(401, {"error": {"message": "invalid api key", "type": "auth"}})
+
+    with ChatServer(refuse) as server:
+        with pytest.raises(AuthenticationFailed):
+            run_builder(tmp_path, server, "opencode")
+        served = len(server.requests)
+    # The first refusal ended the CLI: no retrying of a key the provider refused (OpenCode
+    # sends its session-title call and its first turn together, so at most those two).
+    assert 1 <= served <= 2
+
+
+def test_proxy_answers_a_request_it_cannot_translate_with_a_400(tmp_path: Path) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    from orchestrator.proxy import Proxy
+
+    async def ask() -> tuple[int, str]:
+        door = Door(config("http://127.0.0.1:9"), run_id="r", ledger=Ledger(tmp_path / "l.db"))
+        async with Proxy(door, "glm", stage="build", scope="x") as proxy:
+            body = {"model": "x", "messages": [42]}  # not a message
+            req = urllib.request.Request(
+                proxy.base_url + "/v1/chat/completions",
+                data=json.dumps(body).encode(),
+                headers={"Authorization": "Bearer " + proxy.token},
+            )
+
+            def send() -> tuple[int, str]:
+                try:
+                    with urllib.request.urlopen(req, timeout=10) as reply:
+                        return reply.status, reply.read().decode()
+                except urllib.error.HTTPError as err:
+                    return err.code, err.read().decode()
+
+            return await asyncio.to_thread(send)
+
+    status, text = asyncio.run(ask())
+    assert status == 400 and "cannot read the chat request" in text, (status, text)

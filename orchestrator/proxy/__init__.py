@@ -9,6 +9,7 @@ streamed answer is synthesized from the complete reply (SSE events sent at once)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import shutil
@@ -21,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import BudgetExceeded, FlowError, ProviderError
+from orchestrator.errors import AuthenticationFailed, BudgetExceeded, FlowError, ProviderError
 from orchestrator.llm.messages import Completion
 from orchestrator.protocols import ModelDoor
 from orchestrator.proxy import anthropic, chat, responses
@@ -43,6 +44,10 @@ def dialect_for(path: str) -> Dialect | None:
     return None
 
 
+class BadRequest(ValueError):
+    """A CLI request the dialect cannot translate."""
+
+
 @dataclass
 class CallRecord:
     """One call the CLI made, as the proxy saw it: the truth for turns, tokens and money."""
@@ -61,6 +66,8 @@ class ProxyLog:
     calls: list[CallRecord] = field(default_factory=list)
     refused: str = ""
     """Set when the budget refused a call: flow ends the CLI then."""
+    key_refused: AuthenticationFailed | None = None
+    """Set when the provider refused the key: the run stops once its siblings are done."""
 
     @property
     def ok_calls(self) -> int:
@@ -158,7 +165,10 @@ class Proxy:
     def complete(self, dialect: Dialect, body: dict[str, Any]) -> Completion:
         """Run one door call on the run's loop (called from a server thread)."""
         assert self._loop is not None
-        messages, tools, choice = dialect.request(body)
+        try:
+            messages, tools, choice = dialect.request(body)
+        except Exception as err:  # the CLI's request, not the provider: a 400 for the CLI
+            raise BadRequest(f"cannot read the {dialect.name} request: {err}") from err
         future = asyncio.run_coroutine_threadsafe(
             self.door.complete(
                 self.model,
@@ -190,6 +200,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def handle(self) -> None:
+        # A CLI ended mid-call (budget, time limit) drops its connection: nothing to report.
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            super().handle()
+
+    def do_HEAD(self) -> None:
+        # Claude Code probes the base URL once before its first call.
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def do_GET(self) -> None:
         proxy: Proxy = self.server.proxy  # type: ignore[attr-defined]
@@ -229,10 +250,21 @@ class _Handler(BaseHTTPRequestHandler):
             # 400, not 429: a CLI retries a 429 for minutes; a refusal is final.
             self._error(dialect, 400, f"budget: {err}", "invalid_request_error")
             return
+        except BadRequest as err:
+            proxy.record(CallRecord(path, ok=False, error=str(err)[:300], shape=shape))
+            self._error(dialect, 400, str(err)[:300], "invalid_request_error")
+            return
         except (ProviderError, FlowError) as err:
+            if isinstance(err, AuthenticationFailed):
+                proxy.log.key_refused = err
+                proxy.refused.set()  # no later call can succeed: end the CLI now
             proxy.record(CallRecord(path, ok=False, error=str(err)[:300], shape=shape))
             status = int(getattr(err, "status", None) or 502)
             self._error(dialect, status, str(err)[:300], "api_error")
+            return
+        except Exception as err:  # never a dead handler thread: the CLI gets an answer
+            proxy.record(CallRecord(path, ok=False, error=repr(err)[:300], shape=shape))
+            self._error(dialect, 500, f"flow's proxy failed: {err!r}"[:300], "api_error")
             return
         proxy.record(
             CallRecord(

@@ -111,6 +111,8 @@ class CliBuilder:
             shutil.rmtree(home, ignore_errors=True)
         self.events = parse_events(result.stdout)
         self._keep_transcript(result.stdout, result.stderr)
+        if self.log.key_refused is not None:
+            raise self.log.key_refused  # the run stops for the key, as with flow's own loop
         return result
 
     async def run(self, task: str, checkout: Path) -> BuildOutcome:
