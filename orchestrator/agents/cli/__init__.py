@@ -18,6 +18,7 @@ from orchestrator.agents.cli.base import AgentCli, CliRun, Launch, run_cli
 from orchestrator.agents.cli.claude import Claude
 from orchestrator.agents.cli.codex import Codex
 from orchestrator.agents.cli.opencode import OpenCode
+from orchestrator.errors import BudgetExceeded
 from orchestrator.protocols import ModelDoor
 from orchestrator.proxy import Proxy, ProxyLog
 from orchestrator.redact import Redactor
@@ -142,6 +143,8 @@ class CliBuilder:
 
         result = await self._session(make, checkout)
         self.outcome.cost_usd = sum(c.cost_usd for c in self.log.calls)
+        if self.log.refused:
+            raise BudgetExceeded(f"{self.log.refused}; {self.cli.name} was ended")
         error = self._verdict(result.exit_code, result.timed_out, self.events)
         if error is not None:
             raise ValueError(error)
