@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.agents.builder import BuildOutcome
+from orchestrator.agents.cli.aider import Aider
 from orchestrator.agents.cli.base import AgentCli, CliRun, Launch, run_cli
 from orchestrator.agents.cli.claude import Claude
 from orchestrator.agents.cli.codex import Codex
@@ -27,6 +28,7 @@ CLIS: dict[str, Callable[..., AgentCli]] = {
     "opencode": OpenCode,
     "claude": Claude,
     "codex": Codex,
+    "aider": Aider,
 }
 
 
