@@ -243,6 +243,7 @@ def _cli_builder(
         fallbacks=ctx.config.fallback_chains().get(("build", task.model)),
         progress=lambda o, action: update(o, "running", action),
         login=login,
+        scratch=ctx.worktrees,
     )
 
 

@@ -124,6 +124,7 @@ async def _cli_review(
         timeout_s=settings.timeout_s,
         scope=f"{cand.index}",
         stage="review",
+        scratch=ctx.worktrees,
     )
     prompt = "\n\n".join(m.content or "" for m in messages)
     prompt += (

@@ -65,8 +65,13 @@ class CliBuilder:
         fallbacks: list[str] | None = None,
         progress: Callable[[BuildOutcome, str], None] | None = None,
         login: bool = False,
+        scratch: Path | None = None,
     ):
         self.door, self.model, self.model_id, self.cli = door, model, model_id, cli
+        self.scratch = scratch
+        """Where the private HOME is made: a run's checkout directory, so a run killed
+        mid-session leaves none behind (its resume and the dead-run sweep remove it);
+        None: the system's temporary directory."""
         self.transcript, self.redact, self.timeout_s = transcript, redact, timeout_s
         self.scope, self.stage, self.fallbacks, self.login = scope, stage, fallbacks, login
         self.progress = progress or (lambda o, a: None)
@@ -85,7 +90,9 @@ class CliBuilder:
     async def _session(
         self, make: Callable[[Proxy | None, Path], Launch | None], checkout: Path
     ) -> CliRun:
-        home = Path(tempfile.mkdtemp(prefix=f"flow-{self.cli.name}-home-"))
+        if self.scratch is not None:
+            self.scratch.mkdir(parents=True, exist_ok=True)
+        home = Path(tempfile.mkdtemp(prefix=f"flow-{self.cli.name}-home-", dir=self.scratch))
         try:
             if self.login:
                 launch = make(None, home)
