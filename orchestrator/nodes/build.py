@@ -140,9 +140,9 @@ async def _build(task: BuildTask, ctx: Context) -> dict[str, Any]:
                 if ctx.resuming:
                     notes.append(
                         f"builder #{task.index} ({agent} CLI) ran again from the base on resume: "
-                        "a CLI's conversation cannot be replayed turn by turn, so its calls are made "
-                        "again (only a request identical to one already paid is served from the "
-                        "ledger)"
+                        "a CLI's conversation cannot be replayed turn by turn, so its calls "
+                        "are made again (only a request identical to one already paid is "
+                        "served from the ledger)"
                     )
                 if builder.login:
                     size = (
