@@ -44,6 +44,10 @@ def dialect_for(path: str) -> Dialect | None:
     return None
 
 
+_SOCKET_DIR_MAX = 80
+"""A Unix socket path has ~108 bytes; the socket is `<dir>/flow-proxy-XXXXXXXX/proxy.sock`."""
+
+
 class BadRequest(ValueError):
     """A CLI request the dialect cannot translate."""
 
@@ -103,8 +107,12 @@ class Proxy:
         scope: str,
         fallbacks: list[str] | None = None,
         on_call: Callable[[ProxyLog], None] | None = None,
+        scratch: Path | None = None,
     ):
         self.door, self.model, self.stage, self.scope = door, model, stage, scope
+        self.scratch = scratch
+        """Where its socket directory goes (the run's own, so a killed run's cleanup takes
+        it), when the path is short enough for a Unix socket; else the system's temp."""
         self.fallbacks = list(fallbacks or [])
         self.token = "flow-proxy-" + secrets.token_hex(16)
         self.log = ProxyLog()
@@ -137,7 +145,10 @@ class Proxy:
         httpd.daemon_threads = True
         httpd.proxy = self  # type: ignore[attr-defined]
         self._httpd = httpd
-        self._socket_dir = Path(tempfile.mkdtemp(prefix="flow-proxy-"))
+        short = self.scratch is not None and len(str(self.scratch)) <= _SOCKET_DIR_MAX
+        self._socket_dir = Path(
+            tempfile.mkdtemp(prefix="flow-proxy-", dir=self.scratch if short else None)
+        )
         unix = socketserver.ThreadingUnixStreamServer(str(self.socket_path), _Handler)
         unix.daemon_threads = True
         unix.proxy = self  # type: ignore[attr-defined]

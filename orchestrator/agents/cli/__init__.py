@@ -109,6 +109,7 @@ class CliBuilder:
                     scope=self.scope,
                     fallbacks=self.fallbacks,
                     on_call=self._tally,
+                    scratch=self.scratch,
                 ) as proxy:
                     launch = make(proxy, home)
                     if launch is None:
