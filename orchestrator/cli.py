@@ -124,6 +124,16 @@ OntoTipOpt = Annotated[
     ),
 ]
 
+DryRunOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="call no model: print the forecast per stage and model (calls, tokens, expected "
+        "and worst-case cost) and whether the budget fits; exit 0 fits, 1 does not, 2 refused; "
+        "with --json one JSON object",
+    ),
+]
+
 
 def _version(value: bool) -> None:
     if value:
@@ -290,10 +300,10 @@ def run(
     as_json: JsonOpt = False,
     keep: KeepOpt = False,
     onto_tip: OntoTipOpt = False,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Run one spec end to end: plan, build ×N, check, review, select, commit to a branch."""
     from orchestrator.preflight import preflight
-    from orchestrator.runner import RunOptions, run_spec
     from orchestrator.spec import load_spec
 
     repository = _repo(repo)
@@ -301,7 +311,16 @@ def run(
     layers = _layers(repository, config, profile, set_)
     loaded = layers.resolve(parsed.models, f"{spec}: models")
     # user errors before the live view starts
-    preflight(parsed, loaded, repository, builders=builders, budget_usd=budget)
+    base = preflight(parsed, loaded, repository, builders=builders, budget_usd=budget)
+    if dry_run:
+        from orchestrator.forecast import forecast_run
+        from orchestrator.forecast_view import render
+
+        found = forecast_run(parsed, loaded, repository, base, builders=builders, budget_usd=budget)
+        typer.echo(found.model_dump_json(indent=2) if as_json else render(found), nl=as_json)
+        raise typer.Exit(found.exit_code)
+    from orchestrator.runner import RunOptions, run_spec
+
     options = RunOptions(
         builders=builders,
         budget_usd=budget,
@@ -348,12 +367,22 @@ def batch(
     as_json: JsonOpt = False,
     new: Annotated[bool, typer.Option("--new", help="start over instead of resuming")] = False,
     onto_tip: OntoTipOpt = False,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Run many specs under one budget; running the same command again resumes it."""
-    from orchestrator.batch import BatchOptions, run_batch
-
     repository = _repo(repo)
     layers = _layers(repository, config, profile, set_)
+    if dry_run:
+        from orchestrator.forecast import forecast_batch
+        from orchestrator.forecast_view import render_batch
+
+        found = forecast_batch(
+            specs, layers, repository, budget_usd=budget, per_spec_usd=per_spec, builders=builders
+        )
+        typer.echo(found.model_dump_json(indent=2) if as_json else render_batch(found), nl=as_json)
+        raise typer.Exit(found.exit_code)
+    from orchestrator.batch import BatchOptions, run_batch
+
     options = BatchOptions(
         budget_usd=budget,
         per_spec_usd=per_spec,

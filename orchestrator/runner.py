@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,7 +19,7 @@ from pydantic import BaseModel
 from orchestrator.attempts import Attempts
 from orchestrator.config import LoadedConfig, secret_values
 from orchestrator.context import Context
-from orchestrator.errors import AuthenticationFailed, KeyRefused, WorkspaceError
+from orchestrator.errors import AuthenticationFailed, FlowError, KeyRefused, WorkspaceError
 from orchestrator.events import Event, Notice, RunFinished, RunStarted
 from orchestrator.layers import ConfigSource
 from orchestrator.nodes.report import outcome_of
@@ -288,6 +289,12 @@ async def _run(
             reviewers=[r.model for r in loaded.config.stages.reviewers],
         )
     )
+    if not resuming:  # the report compares the spend with what was expected at the start
+        trouble = await asyncio.to_thread(
+            _keep_forecast, spec, loaded, repo, base_sha, options, run_dir, shared.batch_id
+        )
+        if trouble:
+            sink.emit(Notice(run_id=run_id, level="warning", message=f"no forecast: {trouble}"))
     from orchestrator import sandbox
 
     if await asyncio.to_thread(sandbox.bwrap) is None:  # said plainly, in the run's first lines
@@ -361,6 +368,34 @@ async def _run(
         )
     )
     return result
+
+
+def _keep_forecast(
+    spec: Spec,
+    loaded: LoadedConfig,
+    repo: Repo,
+    base_sha: str,
+    options: RunOptions,
+    run_dir: Path,
+    batch_id: str | None,
+) -> str | None:
+    """Write the run's forecast.json; what went wrong, if it could not (the run goes on)."""
+    from orchestrator.forecast import forecast_run, save
+
+    try:
+        found = forecast_run(
+            spec,
+            loaded,
+            repo,
+            base_sha,
+            builders=options.builders,
+            budget_usd=options.budget_usd,
+            budget_from="--per-spec" if batch_id else "--budget",
+        )
+        save(run_dir, found)
+    except (OSError, sqlite3.Error, ValueError, FlowError) as err:
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    return None
 
 
 def _enough(spec: Spec, loaded: LoadedConfig, slots: int) -> int | None:

@@ -69,6 +69,16 @@ SUBMIT_REVIEW = ToolSpec(
 MAX_DIFF_CHARS = 60_000
 
 
+MAX_OVERVIEW_FILES = 300
+
+
+def repo_overview(names: list[str]) -> str:
+    """A compact view of the repository for the planner: its file list, capped."""
+    shown = names[:MAX_OVERVIEW_FILES]
+    more = f"\n[… {len(names) - len(shown)} more files]" if len(names) > len(shown) else ""
+    return "Files:\n" + "\n".join(shown) + more
+
+
 def plan_request(spec_text: str, overview: str) -> str:
     return f"# Spec\n\n{spec_text.strip()}\n\n# Repository overview\n\n{overview.strip()}\n"
 

@@ -7,7 +7,7 @@ import asyncio
 from langgraph.runtime import Runtime
 from pydantic import ValidationError
 
-from orchestrator.agents.prompts import PLANNER_SYSTEM, SUBMIT_PLAN, plan_request
+from orchestrator.agents.prompts import PLANNER_SYSTEM, SUBMIT_PLAN, plan_request, repo_overview
 from orchestrator.context import Context
 from orchestrator.errors import AuthenticationFailed, BudgetExceeded, ProviderError
 from orchestrator.events import Notice, StageStarted
@@ -15,15 +15,10 @@ from orchestrator.llm.messages import Message
 from orchestrator.spec import Spec
 from orchestrator.state import Plan, RunState
 
-MAX_OVERVIEW_FILES = 300
-
 
 def overview(ctx: Context, base_sha: str) -> str:
     """A compact view of the repository at the base commit: its file list, capped."""
-    names = ctx.repo.git("ls-tree", "-r", "--name-only", base_sha).splitlines()
-    shown = names[:MAX_OVERVIEW_FILES]
-    more = f"\n[… {len(names) - len(shown)} more files]" if len(names) > len(shown) else ""
-    return "Files:\n" + "\n".join(shown) + more
+    return repo_overview(ctx.repo.git("ls-tree", "-r", "--name-only", base_sha).splitlines())
 
 
 def fallback_plan(spec: Spec, reason: str) -> Plan:

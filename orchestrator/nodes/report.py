@@ -7,6 +7,7 @@ import json
 from langgraph.runtime import Runtime
 
 from orchestrator.context import Context
+from orchestrator.forecast_view import compare, versus_markdown
 from orchestrator.report import render_markdown
 from orchestrator.state import RunState
 
@@ -43,6 +44,9 @@ async def report(state: RunState, runtime: Runtime[Context]) -> dict[str, object
         spend={d: ctx.ledger.by(d, ctx.run_id) for d in ("stage", "model", "provider")},
         reasoning={c.index: _reasoning(ctx, c.index) for c in state.get("candidates", [])},
     )
+    versus = compare(ctx.run_dir, ctx.ledger.rows(ctx.run_id))
+    if versus is not None:
+        text += "\n" + "\n".join(versus_markdown(versus))
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     (ctx.run_dir / "report.md").write_text(ctx.redact(text), encoding="utf-8")
     applied, selection = state.get("applied"), state.get("selection")
@@ -62,6 +66,7 @@ async def report(state: RunState, runtime: Runtime[Context]) -> dict[str, object
         "checks": [c.model_dump() for c in state.get("checks", [])],
         "reviews": [r.model_dump() for r in state.get("reviews", [])],
         "notes": state.get("notes", []),
+        "forecast_vs_spent": [{**v.model_dump(), "error": v.error} for v in versus or []],
     }
     (ctx.run_dir / "run.json").write_text(
         ctx.redact(json.dumps(summary, indent=2)), encoding="utf-8"
