@@ -501,18 +501,27 @@ def report(
     ],
     repo: RepoOpt = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="print raw markdown")] = False,
+    open_page: Annotated[
+        bool, typer.Option("--open", help="open report.html in the browser ($BROWSER if set)")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="the report as one JSON object, for scripts")
+    ] = False,
 ) -> None:
-    """Show the report of a run or a batch (terminal, or --markdown)."""
+    """Show the report of a run or a batch (terminal, --markdown, --json, or --open the page)."""
+    import json
+
     from rich.console import Console
     from rich.markdown import Markdown
 
     from orchestrator.ledger import Ledger
-    from orchestrator.report import write_batch_report
+    from orchestrator.report import batch_json, write_batch_report
     from orchestrator.runner import flow_dir
     from orchestrator.store import Store
 
     fdir = flow_dir(_repo(repo))
     store, ledger = Store(fdir / "ledger.sqlite"), Ledger(fdir / "ledger.sqlite")
+    machine: dict[str, object] | None = None
     try:
         run_id = store.resolve(run_id)
         path = fdir / "runs" / run_id / "report.md"
@@ -520,14 +529,38 @@ def report(
             if store.batch(run_id) is None:
                 raise FlowError(f"no report for {run_id!r} in {fdir}; see `flow status`")
             path = write_batch_report(fdir, run_id, store, ledger)
+            machine = batch_json(fdir, run_id, store, ledger) if as_json else None
     finally:
         store.close()
         ledger.close()
+    if as_json:
+        if machine is None:
+            summary = path.with_name("run.json")
+            if not summary.is_file():
+                raise FlowError(f"run {run_id} has no summary yet ({summary}); see `flow status`")
+            machine = {"type": "run", **json.loads(summary.read_text(encoding="utf-8"))}
+            machine["report"] = str(path.with_suffix(".html"))
+        typer.echo(json.dumps(machine))
+        return
+    if open_page:
+        _open_page(path.with_suffix(".html"))
+        return
     text = path.read_text(encoding="utf-8")
     if markdown:
         typer.echo(text, nl=False)
     else:
         Console().print(Markdown(text))
+
+
+def _open_page(page: Path) -> None:
+    """Print the page's path, then hand it to the browser (webbrowser honours $BROWSER)."""
+    import webbrowser
+
+    if not page.is_file():
+        raise FlowError(f"{page}: no HTML report (the run predates them); see its report.md")
+    typer.echo(str(page))
+    if not webbrowser.open(page.resolve().as_uri()):
+        typer.echo("no browser found; open the path above, or set BROWSER", err=True)
 
 
 @app.command()

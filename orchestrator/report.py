@@ -8,6 +8,7 @@ from statistics import mean
 
 from orchestrator.fmt import duration, md, score, tokens, usd
 from orchestrator.ledger import Ledger
+from orchestrator.report_html import render_batch_html
 from orchestrator.state import (
     Candidate,
     CandidateChecks,
@@ -299,6 +300,17 @@ def write_batch_report(fdir: Path, batch_id: str, store: Store, ledger: Ledger) 
     assert batch is not None
     items = store.items(batch_id)
     runs = {r.run_id: r for r in store.runs(batch_id=batch_id)}
+    spend = _batch_spend(runs, ledger)
+    drift = {run_id: note for run_id in runs if (note := drift_note(fdir, run_id))}
+    path = fdir / "batches" / batch_id / "report.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_batch(batch, items, runs, spend, drift), encoding="utf-8")
+    page = render_batch_html(batch, items, runs, spend)
+    path.with_suffix(".html").write_text(page, encoding="utf-8")
+    return path
+
+
+def _batch_spend(runs: dict[str, RunRecord], ledger: Ledger) -> dict[str, dict[str, float]]:
     spend: dict[str, dict[str, float]] = {}
     for dimension in ("stage", "model", "provider"):
         table: dict[str, float] = {}
@@ -306,11 +318,41 @@ def write_batch_report(fdir: Path, batch_id: str, store: Store, ledger: Ledger) 
             for key, value in ledger.by(dimension, run_id).items():
                 table[key] = table.get(key, 0.0) + value
         spend[dimension] = table
-    drift = {run_id: note for run_id in runs if (note := drift_note(fdir, run_id))}
-    path = fdir / "batches" / batch_id / "report.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_batch(batch, items, runs, spend, drift), encoding="utf-8")
-    return path
+    return spend
+
+
+def batch_json(fdir: Path, batch_id: str, store: Store, ledger: Ledger) -> dict[str, object]:
+    """The batch report for machines: its record, every spec's outcome and what is left to do."""
+    from orchestrator.report_html import settle_command
+
+    batch = store.batch(batch_id)
+    assert batch is not None
+    runs = {r.run_id: r for r in store.runs(batch_id=batch_id)}
+    specs = []
+    for item in store.items(batch_id):
+        run = runs.get(item.run_id or "")
+        specs.append(
+            {
+                **item.model_dump(),
+                "branch": run.applied_branch if run else None,
+                "winner_model": run.winner_model if run else None,
+                "cost_usd": round(run.cost_usd, 6) if run else 0.0,
+                "to_do": settle_command(item, batch_id),
+            }
+        )
+    spend = {
+        d: {k: round(v, 6) for k, v in table.items()}
+        for d, table in _batch_spend(runs, ledger).items()
+    }
+    return {
+        "type": "batch",
+        **batch.model_dump(),
+        "live": batch.live_status,
+        "cost_usd": round(sum(r.cost_usd for r in runs.values()), 6),
+        "specs": specs,
+        "spend": spend,
+        "report": str(fdir / "batches" / batch_id / "report.html"),
+    }
 
 
 def drift_note(fdir: Path, run_id: str) -> str | None:

@@ -9,6 +9,7 @@ from langgraph.runtime import Runtime
 from orchestrator.context import Context
 from orchestrator.forecast_view import compare, versus_markdown
 from orchestrator.report import render_markdown
+from orchestrator.report_html import render_run_html
 from orchestrator.state import RunState
 
 
@@ -32,6 +33,7 @@ async def report(state: RunState, runtime: Runtime[Context]) -> dict[str, object
     ]
     if fallbacks:
         state = {**state, "notes": [*state.get("notes", []), *fallbacks]}
+    spend = {d: ctx.ledger.by(d, ctx.run_id) for d in ("stage", "model", "provider")}
     text = render_markdown(
         state,
         title=ctx.spec.title,
@@ -41,7 +43,7 @@ async def report(state: RunState, runtime: Runtime[Context]) -> dict[str, object
         cost=cost,
         outcome=outcome_of(state),
         dirty_note=ctx.dirty_note,
-        spend={d: ctx.ledger.by(d, ctx.run_id) for d in ("stage", "model", "provider")},
+        spend=spend,
         reasoning={c.index: _reasoning(ctx, c.index) for c in state.get("candidates", [])},
     )
     versus = compare(ctx.run_dir, ctx.ledger.rows(ctx.run_id))
@@ -49,6 +51,18 @@ async def report(state: RunState, runtime: Runtime[Context]) -> dict[str, object
         text += "\n" + "\n".join(versus_markdown(versus))
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     (ctx.run_dir / "report.md").write_text(ctx.redact(text), encoding="utf-8")
+    page = render_run_html(
+        state,
+        title=ctx.spec.title,
+        spec_path=str(ctx.spec.path),
+        branch=ctx.spec.branch,
+        base=state["base_sha"],
+        cost=cost,
+        outcome=outcome_of(state),
+        spend=spend,
+        diffs=_diffs(ctx, state),
+    )
+    (ctx.run_dir / "report.html").write_text(ctx.redact(page), encoding="utf-8")
     applied, selection = state.get("applied"), state.get("selection")
     summary = {
         "run_id": ctx.run_id,
@@ -67,6 +81,10 @@ async def report(state: RunState, runtime: Runtime[Context]) -> dict[str, object
         "reviews": [r.model_dump() for r in state.get("reviews", [])],
         "notes": state.get("notes", []),
         "forecast_vs_spent": [{**v.model_dump(), "error": v.error} for v in versus or []],
+        "plan": plan.model_dump() if (plan := state.get("plan")) else None,
+        "heldout": [h.model_dump() for h in state.get("heldout", [])],
+        "heldout_results": [h.model_dump() for h in state.get("heldout_results", [])],
+        "spend": spend,
     }
     (ctx.run_dir / "run.json").write_text(
         ctx.redact(json.dumps(summary, indent=2)), encoding="utf-8"
@@ -88,3 +106,13 @@ def _reasoning(ctx: Context, index: int) -> list[str]:
         if message.get("role") == "assistant" and message.get("reasoning_content"):
             texts.append(str(message["reasoning_content"]))
     return texts
+
+
+def _diffs(ctx: Context, state: RunState) -> dict[int, str]:
+    """Each candidate's patch as text (undecodable bytes shown as replacement characters)."""
+    out = {}
+    for c in state.get("candidates", []):
+        path = ctx.run_dir / c.patch if c.patch else None
+        if path is not None and path.is_file():
+            out[c.index] = path.read_bytes().decode("utf-8", errors="replace")
+    return out
