@@ -35,6 +35,16 @@ def duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def count(value: float) -> str:
+    """A count (of calls), whole when it is (nearly) whole: forecasts average over runs."""
+    return f"{value:.0f}" if abs(value - round(value)) < 0.05 else f"{value:.1f}"
+
+
+def pct(value: float | None) -> str:
+    """A signed ratio as a whole percentage; `–` when there is none."""
+    return "–" if value is None else f"{value:+.0%}"
+
+
 def score(value: float) -> str:
     return f"{value:.1f}"
 

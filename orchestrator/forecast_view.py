@@ -8,15 +8,11 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from orchestrator.fmt import md, tokens, usd
+from orchestrator.fmt import count, md, pct, tokens, usd
 from orchestrator.forecast import LEDGER_STAGE, STAGES, BatchForecast, Forecast, Row
 
 if TYPE_CHECKING:
     from orchestrator.ledger import CallRow
-
-
-def _calls(value: float) -> str:
-    return f"{value:.0f}" if abs(value - round(value)) < 0.05 else f"{value:.1f}"
 
 
 def _basis(r: Row) -> str:
@@ -45,7 +41,7 @@ def render(forecast: Forecast) -> str:
         [
             r.stage,
             r.model + (f" ×{r.instances}" if r.instances > 1 else ""),
-            _calls(r.calls),
+            count(r.calls),
             tokens(r.prompt_tokens),
             tokens(r.output_tokens),
             usd(r.expected_usd),
@@ -136,9 +132,6 @@ def _versus(stage: str, model: str, row: Row | None, got: list[CallRow]) -> Vers
 def versus_markdown(rows: list[Versus]) -> list[str]:
     """The report's "Forecast vs spent" section."""
 
-    def pct(v: float | None) -> str:
-        return "–" if v is None else f"{v:+.0%}"
-
     lines = [
         "## Forecast vs spent",
         "",
@@ -148,7 +141,7 @@ def versus_markdown(rows: list[Versus]) -> list[str]:
     ]
     for v in rows:
         lines.append(
-            f"| {v.stage} | {md(v.model)} | {v.calls} ({_calls(v.forecast_calls)}) | "
+            f"| {v.stage} | {md(v.model)} | {v.calls} ({count(v.forecast_calls)}) | "
             f"{tokens(v.tokens)} ({tokens(v.forecast_tokens)}) | {usd(v.forecast_usd)} | "
             f"{usd(v.spent_usd)} | {pct(v.error)} | {v.basis} |"
         )

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from html import escape
 from statistics import mean
+from typing import TYPE_CHECKING
 
-from orchestrator.fmt import duration, score, tokens, usd
+from orchestrator.fmt import count, duration, pct, score, tokens, usd
 from orchestrator.state import Candidate, CheckResult, Review, RunState
 from orchestrator.store import BatchItem, BatchRecord, RunRecord
+
+if TYPE_CHECKING:
+    from orchestrator.forecast_view import Versus
 
 DIFF_CHARS = 200_000
 """A diff longer than this is cut in the page; the patch file beside it is whole."""
@@ -92,6 +96,32 @@ def _bars(spend: dict[str, dict[str, float]]) -> list[str]:
             ]
         out.append("</div>")
     return [*out, "</section>"]
+
+
+def _versus(rows: list[Versus]) -> list[str]:
+    """The dry-run forecast against what the ledger says was spent, per stage and model."""
+    head = ["stage", "model", "calls (forecast)", "tokens (forecast)", "forecast", "spent"]
+    out = ['<section id="forecast"><h2>Forecast vs spent</h2><table><thead><tr>']
+    out += [f"<th>{h}</th>" for h in [*head, "error", "basis"]] + ["</tr></thead><tbody>"]
+    for v in rows:
+        cells = [
+            v.stage,
+            v.model,
+            f"{v.calls} ({count(v.forecast_calls)})",
+            f"{tokens(v.tokens)} ({tokens(v.forecast_tokens)})",
+            usd(v.forecast_usd),
+            usd(v.spent_usd),
+            pct(v.error),
+            v.basis,
+        ]
+        out.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
+    forecast, spent = sum(v.forecast_usd for v in rows), sum(v.spent_usd for v in rows)
+    total = pct((spent - forecast) / forecast if forecast > 0 else None)
+    out.append(
+        f"<tr><th colspan=4>total</th><th>{_e(usd(forecast))}</th><th>{_e(usd(spent))}</th>"
+        f"<th>{_e(total)}</th><th></th></tr>"
+    )
+    return [*out, "</tbody></table></section>"]
 
 
 def _diff(patch: str) -> str:
@@ -265,6 +295,7 @@ def render_run_html(
     outcome: str,
     spend: dict[str, dict[str, float]],
     diffs: dict[int, str],
+    versus: list[Versus] | None = None,
 ) -> str:
     """The run's page; `diffs` maps a candidate's index to its patch text."""
     selection = state.get("selection")
@@ -283,10 +314,6 @@ def render_run_html(
     if selection and selection.explanation:
         body += ["<ul>", *(f"<li>{_e(x)}</li>" for x in selection.explanation), "</ul>"]
     body += _bars(spend)
-    plan = state.get("plan")
-    if plan:
-        body += ["<h2>Plan</h2>", f"<p>{_e(plan.summary.strip())}</p>", "<ol>"]
-        body += [f"<li>{_e(s)}</li>" for s in plan.steps] + ["</ol>"]
     checks = {c.candidate: c.results for c in state.get("checks", [])}
     reviews = state.get("reviews", [])
     body += ['<section id="candidates"><h2>Candidates</h2>']
@@ -294,6 +321,12 @@ def render_run_html(
         mine = [r for r in reviews if r.candidate == c.index]
         body += _candidate(c, checks.get(c.index), mine, winner, diffs.get(c.index))
     body.append("</section>")
+    if versus:
+        body += _versus(versus)
+    plan = state.get("plan")
+    if plan:
+        body += ["<h2>Plan</h2>", f"<p>{_e(plan.summary.strip())}</p>", "<ol>"]
+        body += [f"<li>{_e(s)}</li>" for s in plan.steps] + ["</ol>"]
     notes = state.get("notes", [])
     if notes:
         body += ["<h2>Skipped and why</h2><ul>", *(f"<li>{_e(n)}</li>" for n in notes), "</ul>"]

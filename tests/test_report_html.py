@@ -87,11 +87,12 @@ def test_run_page_in_chromium(night: Night, tmp_path: Path) -> None:
     assert off_machine(html) == [] and "<script" not in html and "<link" not in html
     assert "<details" not in html and "display:none" not in html  # nothing folded away
 
-    r = render(page, ARTIFACTS / "report-run.png", tmp_path)
+    r = render(page, ARTIFACTS / "report-run.png", tmp_path, height=3400)
     shown(r, "report-run.png")
     assert r.fetched == []
     dom = parse(r.dom)
     summary = json.loads((run_dir / "run.json").read_text())
+    md_text = (run_dir / "report.md").read_text()
     # The winner and why, first thing on the page.
     why = summary["selection"]["why"]
     assert why.startswith("#0 (glm-sim) won") and dom.by_id["why"] == why
@@ -117,12 +118,17 @@ def test_run_page_in_chromium(night: Night, tmp_path: Path) -> None:
     for dimension in ("stage", "model", "provider"):
         assert f'data-dimension="{dimension}"' in r.dom
     assert usd(summary["cost_usd"]) in text
+    # The forecast made before the run, against what it spent (the markdown's numbers).
+    forecast = dom.by_id["forecast"]
+    assert "Forecast vs spent" in forecast and "planner" in forecast and "flash-sim" in forecast
+    md_total = re.search(r"\| total \| \| \| \| (\S+) \| (\S+) \| (\S+) \|", md_text)
+    assert md_total is not None and "".join(md_total.groups()) in forecast.replace("total", "")
     # The colouring is on screen: the inserted lines' colour in the screenshot.
     inserted = "#" + str(get_style_by_name("default").style_for_token(Generic.Inserted)["color"])
     assert inserted.lower() in html.lower()
     rgb = tuple(int(inserted[i : i + 2], 16) for i in (1, 3, 5))
     width, height, rows = png_rgb(r.png)
-    assert (width, height) == (1280, 2400)
+    assert (width, height) == (1280, 3400)
     assert count_colour(rows, rgb) > 200  # type: ignore[arg-type]
 
 

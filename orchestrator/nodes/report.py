@@ -61,6 +61,7 @@ async def report(state: RunState, runtime: Runtime[Context]) -> dict[str, object
         outcome=outcome_of(state),
         spend=spend,
         diffs=_diffs(ctx, state),
+        versus=versus,
     )
     (ctx.run_dir / "report.html").write_text(ctx.redact(page), encoding="utf-8")
     applied, selection = state.get("applied"), state.get("selection")
