@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from browser import parse
 from conftest import flow_in, git
 from test_protect import BUILDERS, FINISH, append, call, reply
 
@@ -155,6 +156,10 @@ def test_held_out_tests_pick_the_fix_that_meets_every_scenario(tmp_path: Path) -
     report = next((repo / ".flow" / "runs").glob("*/report.md")).read_text()
     assert f"**Why:** {selection['why']}" in report
     assert "| candidate | check 1 | held-out 1 | held-out 2 | judge |" in report
+    # The HTML page leads with the same sentence; its matrix has a column per held-out test.
+    page = parse(next((repo / ".flow" / "runs").glob("*/report.html")).read_text())
+    assert page.by_id["why"] == selection["why"]
+    assert page.by_id["matrix"].count("held-out: ") == 2
     # The test that cannot run on the base was discarded, and said so.
     assert "1 could not run on the base and were discarded" in report
     # The held-out tests are evidence, not part of the commit.
