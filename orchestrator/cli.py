@@ -645,7 +645,12 @@ def models(
     set_: SetOpt = None,
     repo: RepoOpt = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="one JSON object per model, for scripts")
+        bool,
+        typer.Option(
+            "--json",
+            help="one JSON object per line: each model (kind: model), then each agent CLI "
+            "(kind: agent)",
+        ),
     ] = False,
 ) -> None:
     """The merged model catalog: provider, protocol, prices, limits, and warnings."""
@@ -664,9 +669,9 @@ def models(
     clis = statuses(loaded, list(AGENT_CLIS))
     if as_json:
         for row in rows:
-            typer.echo(json.dumps(row.model_dump()))
+            typer.echo(json.dumps({"kind": "model", **row.model_dump()}))
         for status in clis:
-            typer.echo(json.dumps({"agent": status.name, **_agent_json(status)}))
+            typer.echo(json.dumps({"kind": "agent", "agent": status.name, **_agent_json(status)}))
         return
     console = Console(width=max(120, Console().width))
     console.print(catalog_table(rows))

@@ -211,4 +211,5 @@ def test_models_and_config_show_work_outside_a_repository(tmp_path: Path) -> Non
     assert not any(ln.startswith("models.m.id") and ln.endswith("# default") for ln in lines)
     listed = flow("models", "--json", cwd=outside, env=env)
     assert listed.returncode == 0, listed.stderr
-    assert {json.loads(ln)["name"] for ln in listed.stdout.splitlines()} == {"m", "r"}
+    rows = [json.loads(ln) for ln in listed.stdout.splitlines()]
+    assert {r["name"] for r in rows if r["kind"] == "model"} == {"m", "r"}
