@@ -76,6 +76,10 @@ CHECK_TAIL_CHARS = 3_000
 """A check's output tail as a review request carries it."""
 HISTORY_RUNS = 20
 """Past runs a stage and model's history is averaged over (the most recent)."""
+_NO_WINDOW = (
+    "no context_window: its worst case lets every turn's prompt grow by a reply at the output "
+    "cap and a whole tool result; set `context_window:` for a tighter one"
+)
 _PARTIAL = ("running", "interrupted")
 """Runs whose spend is not whole yet: left out of the history."""
 
@@ -416,6 +420,8 @@ def _rows(loaded: LoadedConfig, slots: list[str], sizer: _Sizer, history: Histor
             f"agent CLI {a}: its own prompts, estimated as flow's loop"
             for a in sorted(agents[model])
         ]
+        if not rm.context_window:
+            notes.append(_NO_WINDOW)
         rows.append(_row("builders", rm, count, sizer.loop(rm, "build"), history, notes))
     rows += [_login_row("builders", m, n, agent) for m, (n, agent) in login.items()]
     testers: dict[str, int] = defaultdict(int)
@@ -423,7 +429,8 @@ def _rows(loaded: LoadedConfig, slots: list[str], sizer: _Sizer, history: Histor
         testers[t.model] += 1
     for model, count in testers.items():
         rm = loaded.model(model)
-        rows.append(_row("testers", rm, count, sizer.loop(rm, "test"), history, []))
+        notes = [] if rm.context_window else [_NO_WINDOW]
+        rows.append(_row("testers", rm, count, sizer.loop(rm, "test"), history, notes))
     for ref in stages.reviewers:
         rm = loaded.model(ref.model)
         pairs = sum(1 for m in slots if ref.model in loaded.reviewers_for(m))
