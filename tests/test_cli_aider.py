@@ -162,7 +162,9 @@ def test_budget_cap_ends_aider_with_the_servers_bill_within_the_cap(tmp_path: Pa
 
 def test_every_call_failing_is_a_failed_candidate_though_aider_exits_0(tmp_path: Path) -> None:
     def refuse(request: dict[str, Any]) -> ServerReply:
-        return ServerReply(500, {"error": {"message": "overloaded", "type": "server_error"}})
+        # A request error goes back to aider as it is (no retry by the door, no ending by
+        # flow): aider then exits 0 all the same, and the proxy's log is what tells.
+        return ServerReply(400, {"error": {"message": "bad request", "type": "invalid"}})
 
     builder, repo, base, server = build(tmp_path, refuse)
     # One call: the door's retries are the only ones (aider's own would make it 27 calls

@@ -72,6 +72,9 @@ class ProxyLog:
     """Set when the budget refused a call: flow ends the CLI then."""
     key_refused: AuthenticationFailed | None = None
     """Set when the provider refused the key: the run stops once its siblings are done."""
+    gave_up: str = ""
+    """Set when a call failed after the door's own retries and fallbacks: flow ends the CLI
+    then, since a CLI's own retries would only bill the same failure again."""
 
     @property
     def ok_calls(self) -> int:
@@ -266,9 +269,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(dialect, 400, str(err)[:300], "invalid_request_error")
             return
         except (ProviderError, FlowError) as err:
+            status_of = getattr(err, "status", None)
             if isinstance(err, AuthenticationFailed):
                 proxy.log.key_refused = err
                 proxy.refused.set()  # no later call can succeed: end the CLI now
+            elif status_of is None or status_of in (408, 429) or status_of >= 500:
+                # Retryable, and the door already retried (and tried the fallbacks): the
+                # CLI's own retries would only bill the same failure again, so end it. A
+                # request error (a 4xx such as a prompt too long) goes back to the CLI, which
+                # may compact and try again.
+                proxy.log.gave_up = str(err)[:300]
+                proxy.refused.set()
             proxy.record(CallRecord(path, ok=False, error=str(err)[:300], shape=shape))
             status = int(getattr(err, "status", None) or 502)
             self._error(dialect, status, str(err)[:300], "api_error")

@@ -178,6 +178,11 @@ class CliBuilder:
         log = self.log
         if log.refused:
             return f"BudgetExceeded: {log.refused}; {self.cli.name} was ended"
+        if log.gave_up:
+            return self.redact(
+                f"a model call failed after flow's retries ({log.gave_up}); "
+                f"{self.cli.name} was ended"
+            )
         if timed_out:
             return f"{self.cli.name} ran past its time limit ({self.timeout_s:g}s)"
         if code != 0:
