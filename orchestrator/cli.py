@@ -333,9 +333,15 @@ def run(
 
 
 @app.command()
-def demo(as_json: JsonOpt = False, keep: KeepOpt = False) -> None:
+def demo(
+    as_json: JsonOpt = False,
+    keep: Annotated[
+        bool,
+        typer.Option("--keep", help="keep the temporary repository (and the builders' checkouts)"),
+    ] = False,
+) -> None:
     """Run the whole pipeline offline on a bundled example, with scripted models."""
-    from orchestrator.demo import prepare_demo
+    from orchestrator.demo import prepare_demo, remove_demo
 
     where = prepare_demo()
     if not as_json:
@@ -344,8 +350,15 @@ def demo(as_json: JsonOpt = False, keep: KeepOpt = False) -> None:
         run(where.spec, config=where.config, repo=where.repo, as_json=as_json, keep=keep)
     except typer.Exit as done:
         if not as_json:
-            typer.echo(f"inspect it: git -C {where.repo} log --stat {where.branch}")
+            typer.echo(
+                f"inspect it: git -C {where.repo} log --stat {where.branch}"
+                if keep
+                else f"removed {where.root} (`flow demo --keep` keeps it to inspect)"
+            )
         raise typer.Exit(done.exit_code) from None
+    finally:
+        if not keep:
+            remove_demo(where)
 
 
 @app.command()
@@ -617,6 +630,41 @@ def pick(
     finally:
         store.close()
     typer.echo(f"committed candidate #{candidate} of run {view.run_id} on {target} ({sha[:12]})")
+
+
+@app.command()
+def clean(
+    older_than: Annotated[
+        str,
+        typer.Option(
+            "--older-than",
+            metavar="AGE",
+            help="remove only what is older than this (7d, 12h, 30m; 0 for everything)",
+        ),
+    ] = "7d",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="list what would be removed; remove nothing")
+    ] = False,
+    repo: Annotated[
+        Path | None,
+        typer.Option("--repo", help="whose runs' files (default: the current repository, if any)"),
+    ] = None,
+) -> None:
+    """Remove old runs' files, dead checkouts and demo directories; never a branch or ref."""
+    from orchestrator.clean import age_text, find, parse_age, remove
+
+    age = parse_age(older_than)
+    found = find(_repo_if_any(repo), age)
+    verb = "would remove" if dry_run else "removed"
+    freed = 0
+    for item in found.removable:
+        if not dry_run:
+            remove(item)
+        freed += item.size
+        typer.echo(f"{verb} {item.path}: {item.what}, {age_text(item.age_s)} old")
+    for why in found.kept:
+        typer.echo(f"kept  {why}")
+    typer.echo(f"{verb} {len(found.removable)} ({freed / 1e6:.1f} MB); older than {older_than}")
 
 
 @config_app.command("show")

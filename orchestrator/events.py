@@ -20,6 +20,11 @@ class RunStarted(Event):
     branch: str
     builders: list[str]
     reviewers: list[str]
+    testers: list[str] = []
+    budget_usd: float | None = None
+    """The run's cap (None: none set)."""
+    spent_usd: float = 0.0
+    """Already spent by this run before now (a resumed run)."""
 
 
 class StageStarted(Event):
@@ -38,6 +43,28 @@ class BuilderUpdate(Event):
     action: str = ""
 
 
+class TesterUpdate(Event):
+    kind: Literal["tester"] = "tester"
+    index: int
+    model: str
+    status: Literal["running", "ok", "failed"]
+    turns: int = 0
+    tokens: int = 0
+    cost_usd: float = 0.0
+    action: str = ""
+
+
+class CheckStarted(Event):
+    """One check command starts in a checkout (`where`: check-N, or the base branch's tip)."""
+
+    kind: Literal["check_started"] = "check_started"
+    where: str
+    candidate: int | None = None
+    command: str
+    position: int
+    total: int
+
+
 class CheckDone(Event):
     kind: Literal["check"] = "check"
     candidate: int
@@ -52,6 +79,12 @@ class ReviewDone(Event):
     score: float
     verdict: str
     error: str | None = None
+
+
+class ReviewStarted(Event):
+    kind: Literal["review_started"] = "review_started"
+    candidate: int
+    reviewer: str
 
 
 class ModelCall(Event):

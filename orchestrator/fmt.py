@@ -45,6 +45,17 @@ def pct(value: float | None) -> str:
     return "–" if value is None else f"{value:+.0%}"
 
 
+def clip(text: str, limit: int) -> str:
+    """The first line of `text`, cut at a word boundary (with …) when longer than `limit`."""
+    lines = text.strip().splitlines()
+    line = lines[0].strip() if lines else ""
+    if len(line) <= limit:
+        return line
+    cut = line[: limit - 1]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > limit // 2 else cut).rstrip(" ,;:.-—") + "…"
+
+
 def score(value: float) -> str:
     return f"{value:.1f}"
 

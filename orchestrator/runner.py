@@ -20,7 +20,7 @@ from orchestrator.attempts import Attempts
 from orchestrator.config import LoadedConfig, secret_values
 from orchestrator.context import Context
 from orchestrator.errors import AuthenticationFailed, FlowError, KeyRefused, WorkspaceError
-from orchestrator.events import Event, Notice, RunFinished, RunStarted
+from orchestrator.events import BuilderUpdate, Event, Notice, RunFinished, RunStarted
 from orchestrator.layers import ConfigSource
 from orchestrator.nodes.report import outcome_of
 from orchestrator.preflight import preflight
@@ -287,6 +287,9 @@ async def _run(
             branch=spec.branch,
             builders=slots,
             reviewers=[r.model for r in loaded.config.stages.reviewers],
+            testers=[t.model for t in loaded.config.stages.testers],
+            budget_usd=limit,
+            spent_usd=ledger.total(run_id),
         )
     )
     if not resuming:  # the report compares the spend with what was expected at the start
@@ -295,6 +298,8 @@ async def _run(
         )
         if trouble:
             sink.emit(Notice(run_id=run_id, level="warning", message=f"no forecast: {trouble}"))
+    for done in _built_before(saved):  # a resumed run shows every builder, not only the new
+        sink.emit(_finished_builder(run_id, done))
     from orchestrator import sandbox
 
     if await asyncio.to_thread(sandbox.bwrap) is None:  # said plainly, in the run's first lines
@@ -427,6 +432,32 @@ def _caps(store: Store, ledger: Any, run_id: str, limit: float | None, shared: S
         cap = float(stored["batch"])
         caps.append(Cap("batch", cap, spent_usd=min(spent, cap)))
     return caps
+
+
+def _built_before(saved: Any) -> list[Candidate]:
+    """Candidates finished before an interruption: in the saved state, or written by the
+    builders of the step that was cut short."""
+    if saved is None:
+        return []
+    values = getattr(saved, "checkpoint", {}).get("channel_values", {})
+    found = {c.index: c for c in values.get("candidates", []) if isinstance(c, Candidate)}
+    for _task, channel, value in getattr(saved, "pending_writes", None) or []:
+        if channel == "candidates":
+            found.update((c.index, c) for c in value if isinstance(c, Candidate))
+    return [found[i] for i in sorted(found)]
+
+
+def _finished_builder(run_id: str, cand: Candidate) -> BuilderUpdate:
+    return BuilderUpdate(
+        run_id=run_id,
+        index=cand.index,
+        model=cand.model,
+        status=cand.status,
+        turns=cand.turns,
+        tokens=cand.prompt_tokens + cand.completion_tokens,
+        cost_usd=cand.cost_usd,
+        action="before the interruption: " + (cand.error or cand.summary or cand.status),
+    )
 
 
 def _passed_before(saved: Any) -> int:

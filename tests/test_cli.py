@@ -126,7 +126,7 @@ def test_run_exit_code_1_when_nothing_acceptable(demo: DemoPaths) -> None:
 
 
 def test_demo_command(tmp_path: Path) -> None:
-    out = flow("demo", "--json", env={"TMPDIR": str(tmp_path)})
+    out = flow("demo", "--json", "--keep", env={"TMPDIR": str(tmp_path)})
     assert out.returncode == 0, out.stderr
     last = json.loads(out.stdout.splitlines()[-1])
     assert last["outcome"] == "applied"

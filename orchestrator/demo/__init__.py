@@ -39,3 +39,10 @@ def prepare_demo(parent: Path | None = None) -> DemoPaths:
     _git(repo, "add", "-A")
     _git(repo, "commit", "-q", "-m", "stats: mean")
     return DemoPaths(root=root, repo=repo, spec=root / "spec.md", config=root / "agents.yaml")
+
+
+def remove_demo(where: DemoPaths) -> None:
+    """Delete the demo's temporary directory (and nothing outside it)."""
+    from orchestrator.workspace import _remove_tree
+
+    _remove_tree(where.root)

@@ -21,12 +21,13 @@ from orchestrator.context import Context
 from orchestrator.errors import AuthenticationFailed, BudgetExceeded
 from orchestrator.events import BuilderUpdate
 from orchestrator.evidence.protect import protection_for, split_patch
-from orchestrator.fmt import usd
+from orchestrator.fmt import clip, usd
 from orchestrator.nodes.check import check_candidate
 from orchestrator.state import BuildTask, Candidate
 from orchestrator.workspace import diff_stats, worktree_diff
 
 Status = Literal["running", "ok", "empty", "failed", "not started"]
+SUMMARY_CHARS = 200  # the line a person reads; the whole summary is in the report
 
 
 def _short(err: BaseException) -> str:
@@ -188,7 +189,7 @@ async def _build(task: BuildTask, ctx: Context) -> dict[str, Any]:
             f"builder #{task.index} ({task.model}) changed protected files; their changes "
             f"are not part of the candidate: {', '.join(dropped)}"
         )
-    update(outcome, candidate.status, candidate.error or candidate.summary[:60])
+    update(outcome, candidate.status, clip(candidate.error or candidate.summary, SUMMARY_CHARS))
     return {"candidates": [candidate], "notes": notes}
 
 

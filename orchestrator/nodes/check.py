@@ -7,7 +7,7 @@ from pathlib import Path
 
 from orchestrator.config import LoadedConfig, secret_values
 from orchestrator.context import Context
-from orchestrator.events import CheckDone
+from orchestrator.events import CheckDone, CheckStarted
 from orchestrator.preflight import missing_programs, program_of
 from orchestrator.proc import CommandResult, checks_env, run_shell
 from orchestrator.state import Candidate, CandidateChecks, CheckResult, CheckTask
@@ -46,10 +46,13 @@ async def run_check(ctx: Context, command: str, path: Path) -> CommandResult:
 async def _run_checks(ctx: Context, task: CheckTask) -> list[CheckResult]:
     assert task.candidate.patch is not None
     patch = (ctx.run_dir / task.candidate.patch).read_bytes()
-    return await checks_on(ctx, f"check-{task.candidate.index}", task.base_sha, patch)
+    index = task.candidate.index
+    return await checks_on(ctx, f"check-{index}", task.base_sha, patch, candidate=index)
 
 
-async def checks_on(ctx: Context, name: str, sha: str, patch: bytes) -> list[CheckResult]:
+async def checks_on(
+    ctx: Context, name: str, sha: str, patch: bytes, candidate: int | None = None
+) -> list[CheckResult]:
     """The spec's checks in a fresh checkout of `sha` holding `patch`, named `name` under the
     run's checkouts; the candidates' checks and the re-check on the base branch's tip."""
     path = ctx.worktrees / name
@@ -57,7 +60,17 @@ async def checks_on(ctx: Context, name: str, sha: str, patch: bytes) -> list[Che
     try:
         await asyncio.to_thread(ctx.repo.add_worktree, path, sha)
         await asyncio.to_thread(apply_patch, path, patch)
-        for command in ctx.spec.checks:
+        for position, command in enumerate(ctx.spec.checks, 1):
+            ctx.events.emit(
+                CheckStarted(
+                    run_id=ctx.run_id,
+                    where=name,
+                    candidate=candidate,
+                    command=ctx.redact(command),
+                    position=position,
+                    total=len(ctx.spec.checks),
+                )
+            )
             out = await run_check(ctx, command, path)
             results.append(
                 CheckResult(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Literal
 
 from langgraph.runtime import Runtime
 
@@ -13,8 +14,9 @@ from orchestrator.agents.prompts import TESTER_SYSTEM, tester_request
 from orchestrator.agents.tools import TESTER_TOOL_SPECS, Tools
 from orchestrator.context import Context
 from orchestrator.errors import AuthenticationFailed
-from orchestrator.events import Notice
+from orchestrator.events import Notice, TesterUpdate
 from orchestrator.evidence import heldout as evidence
+from orchestrator.fmt import clip
 from orchestrator.state import CandidateHeldOut, HeldOut, HeldOutTask, TestTask
 
 
@@ -30,6 +32,22 @@ async def _test(task: TestTask, ctx: Context) -> dict[str, object]:
     path = ctx.worktrees / f"test-{task.index}"
     notes: list[str] = []
     outcome = BuildOutcome()
+
+    def update(o: BuildOutcome, action: str, status: Literal["running", "ok", "failed"]) -> None:
+        ctx.events.emit(
+            TesterUpdate(
+                run_id=ctx.run_id,
+                index=task.index,
+                model=task.model,
+                status=status,
+                turns=o.turns,
+                tokens=o.prompt_tokens + o.completion_tokens,
+                cost_usd=o.cost_usd,
+                action=action,
+            )
+        )
+
+    update(outcome, "starting", "running")
     try:
         await asyncio.to_thread(ctx.repo.add_worktree, path, task.base_sha)
         settings = ctx.config.config.builder
@@ -51,6 +69,7 @@ async def _test(task: TestTask, ctx: Context) -> dict[str, object]:
             system=TESTER_SYSTEM,
             tool_specs=TESTER_TOOL_SPECS,
             stage="test",
+            progress=lambda o, action: update(o, action, "running"),
         )
         try:
             outcome = await tester.run(tester_request(ctx.spec.body, task.plan))
@@ -99,6 +118,8 @@ async def _test(task: TestTask, ctx: Context) -> dict[str, object]:
         f"({fails} fail on the base: the new behaviour)"
         + (f"; {discarded} could not run on the base and were discarded" if discarded else "")
     )
+    done = f"{len(kept)} held-out tests ({fails} fail on the base)"
+    update(outcome, clip(held.error, 200) if held.error else done, "failed" if held.error else "ok")
     ctx.events.emit(Notice(run_id=ctx.run_id, level="info", message=summary))
     return {"heldout": [held], "notes": [*notes, summary]}
 

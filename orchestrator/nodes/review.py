@@ -12,7 +12,7 @@ from orchestrator.agents.prompts import REVIEWER_SYSTEM, SUBMIT_REVIEW, review_r
 from orchestrator.config import AgentSettings
 from orchestrator.context import Context
 from orchestrator.errors import AuthenticationFailed, BudgetExceeded, ProviderError, WorkspaceError
-from orchestrator.events import ReviewDone
+from orchestrator.events import ReviewDone, ReviewStarted
 from orchestrator.llm.messages import Message
 from orchestrator.state import Review, ReviewTask
 from orchestrator.workspace import apply_patch
@@ -33,6 +33,7 @@ async def review(task: ReviewTask, runtime: Runtime[Context]) -> dict[str, objec
 
 async def _review(task: ReviewTask, ctx: Context) -> dict[str, object]:
     cand = task.candidate
+    ctx.events.emit(ReviewStarted(run_id=ctx.run_id, candidate=cand.index, reviewer=task.reviewer))
     reviewer = ctx.config.model(task.reviewer)
     record = Review(candidate=cand.index, reviewer=task.reviewer, family=reviewer.family)
     notes: list[str] = []
