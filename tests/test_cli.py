@@ -173,8 +173,9 @@ def test_every_help_page_is_plain_and_every_option_explained() -> None:
             cmd = cmd.commands[name]  # type: ignore[union-attr]
         ctx = cmd.make_context("flow", [*path, "--help"], resilient_parsing=True)
         for param in cmd.get_params(ctx):
+            # Every option and argument says what it is for, and is on the help page.
+            assert (getattr(param, "help", "") or "").strip(), f"flow {path} {param.opts}: no help"
             if param.param_type_name == "option":
-                assert (param.help or "").strip(), f"flow {' '.join(path)} {param.opts}: no help"
                 assert param.opts[0] in shown
 
 
