@@ -12,6 +12,7 @@ fails it, the honest fix passes it.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,10 @@ def test_held_out_tests_pick_the_fix_that_meets_every_scenario(tmp_path: Path) -
     selection = summary["selection"]
     assert model_of(summary, selection["winner"]) == "honest"
     assert "held-out tests" in selection["why"]
+    # The tester is a row of the live view, with what it produced.
+    assert re.search(
+        r"^t0 +tester +ok .* held-out tests \(\d fail on the base\)$", out.stdout, re.M
+    )
     report = next((repo / ".flow" / "runs").glob("*/report.md")).read_text()
     assert f"**Why:** {selection['why']}" in report
     assert "| candidate | check 1 | held-out 1 | held-out 2 | judge |" in report

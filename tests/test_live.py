@@ -22,6 +22,7 @@ from terminal import run_on_pty
 from orchestrator import events
 from orchestrator.demo import DemoPaths, prepare_demo
 from orchestrator.events import (
+    BatchStarted,
     BuilderUpdate,
     CheckDone,
     CheckStarted,
@@ -32,7 +33,7 @@ from orchestrator.events import (
     RunStarted,
 )
 from orchestrator.fmt import clip
-from orchestrator.ui import LiveView
+from orchestrator.ui import BatchView, LiveView
 
 DEMO = Path(__file__).resolve().parent.parent / "orchestrator" / "demo"
 HEADER = "flow Add a median function to stats"
@@ -180,6 +181,25 @@ def test_testers_reviewers_spend_and_budget_are_rows_and_footer() -> None:
     assert re.search(r"^r +claude +review .*reviewing #0", shown, re.M), shown
     assert "spent $0.0150 of $1.0000 ($0.9850 left)" in shown
     assert "budget $1.0000" in shown and "testers: kimi" in shown
+
+
+def test_a_batch_shows_elapsed_spend_and_what_is_left_of_its_budget() -> None:
+    out = io.StringIO()
+    console = Console(file=out, width=80, color_system=None, record=True)
+    with BatchView(console) as view:
+        view.emit(BatchStarted(batch_id="b1", specs=["a.md", "b.md"], budget_usd=5.0))
+        view.emit(RunStarted(run_id="r1", title="A", repo=".", base="0" * 40, branch="x",
+                             builders=["m"], reviewers=[]))  # fmt: skip
+        for cost in (0.5, 0.25):
+            view.emit(ModelCall(run_id="r1", stage="build", model="m", prompt_tokens=1,
+                                completion_tokens=1, cost_usd=cost, outcome="ok"))  # fmt: skip
+    shown = console.export_text()
+    assert re.search(r"^elapsed \d+\.\ds · spent \$0\.7500 of \$5\.0000 \(\$4\.2500 left\)$",
+                     shown, re.M), shown  # fmt: skip
+    resumed = Console(file=io.StringIO(), width=80, color_system=None, record=True)
+    with BatchView(resumed) as view:
+        view.emit(BatchStarted(batch_id="b1", specs=["a.md"], budget_usd=5.0, resumed=True))
+    assert "since resuming" in resumed.export_text()  # no "left" it cannot know
 
 
 def test_clip_cuts_at_a_word() -> None:
