@@ -129,7 +129,8 @@ DryRunOpt = Annotated[
     typer.Option(
         "--dry-run",
         help="call no model: print the forecast per stage and model (calls, tokens, expected "
-        "and worst-case cost) and whether the budget fits; exit 0 fits, 1 does not, 2 refused; "
+        "and worst-case cost) and whether the budget fits; exit 0 the expected cost fits (the "
+        "verdict says whether the worst case does), 1 it does not, 2 refused; "
         "with --json one JSON object",
     ),
 ]

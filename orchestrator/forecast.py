@@ -124,8 +124,9 @@ class Forecast(BaseModel):
 
     @property
     def exit_code(self) -> int:
-        """0: fits or nothing caps it; 1: the budget is smaller than the worst case."""
-        return 1 if self.fits is False else 0
+        """0: the expected cost fits (or nothing caps it; the verdict says whether the worst
+        case does too, since the caps then may stop the run early); 1: it does not."""
+        return 1 if self.expected_fits is False else 0
 
 
 class Refusal(BaseModel):
@@ -141,12 +142,14 @@ class BatchForecast(BaseModel):
     expected_usd: float
     worst_usd: float
     fits: bool
+    """Every spec's worst case within its cap, and the sum within the batch's."""
+    expected_fits: bool = True
     verdict: str
 
     @property
     def exit_code(self) -> int:
-        """2: a spec the batch would refuse; else as a run's (0 fits, 1 does not)."""
-        return 2 if self.refused else (0 if self.fits else 1)
+        """2: a spec the batch would refuse; else as a run's (0: the expected cost fits)."""
+        return 2 if self.refused else (0 if self.expected_fits else 1)
 
 
 class Past(BaseModel):
@@ -559,6 +562,7 @@ def forecast_batch(
         expected_usd=expected,
         worst_usd=worst,
         fits=each and worst <= budget_usd,
+        expected_fits=all(f.expected_fits is not False for f in runs) and expected <= budget_usd,
         verdict=verdict,
     )
 
