@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from orchestrator.config import LoadedConfig
 from orchestrator.errors import FlowError, KeyRefused, WorkspaceError
-from orchestrator.events import BatchFinished, BatchStarted, SpecSkipped
+from orchestrator.events import BatchFinished, BatchStarted, Notice, SpecSkipped
 from orchestrator.fmt import usd
 from orchestrator.layers import ConfigSource
 from orchestrator.preflight import preflight
@@ -90,8 +90,51 @@ def parse_until(value: str | None, now: datetime | None = None) -> datetime | No
     return target if target > now else target + timedelta(days=1)
 
 
+def check_until(value: str | None, now: datetime | None = None) -> datetime | None:
+    """`parse_until`, refusing a date and time already past: every spec would be skipped."""
+    deadline = parse_until(value, now)
+    now = now or datetime.now(deadline.tzinfo if deadline else None)
+    if deadline is not None and deadline <= now:
+        raise FlowError(
+            f"--until {value!r}: that is in the past ({deadline:%Y-%m-%d %H:%M}), so no spec "
+            "would start; give a later time (HH:MM means its next occurrence)"
+        )
+    return deadline
+
+
+def spec_budget(loaded: LoadedConfig, per_spec: float | None, batch_usd: float) -> float:
+    """What one spec of a batch may spend at most: its own cap (--per-spec, else
+    budget.per_run_usd), never more than the whole batch's."""
+    own = per_spec if per_spec is not None else loaded.config.budget.per_run_usd
+    return batch_usd if own is None else min(own, batch_usd)
+
+
+def refuse_early(specs: list[Path], layers: Layers, options: BatchOptions) -> None:
+    """What would make every spec of the batch fail, refused before anything starts: a
+    past --until, a budget that cannot afford one pass of a spec at the worst case."""
+    from orchestrator.preflight import affordable
+
+    check_until(options.until)
+    for path in specs:
+        spec = load_spec(path)
+        loaded = layers.resolve(spec.models, f"{path}: models")
+        slots = loaded.builder_slots(options.builders or spec.builders)
+        limit = spec_budget(loaded, options.per_spec_usd, options.budget_usd)
+        try:
+            affordable(loaded, slots, limit)
+        except FlowError as err:
+            raise type(err)(f"{path}: {err}") from None
+
+
 def _min_call_cost(loaded: LoadedConfig) -> float:
     return loaded.worst_call(loaded.config.stages.planner.model, "plan", PROMPT_ALLOWANCE_TOKENS)
+
+
+def pass_cost(loaded: LoadedConfig, builders: int | None, spec: Spec) -> float:
+    """What a spec must be able to spend to start: one pass at the worst case."""
+    from orchestrator.preflight import one_pass
+
+    return sum(one_pass(loaded, loaded.builder_slots(builders or spec.builders)))
 
 
 def _open(
@@ -150,22 +193,29 @@ async def run_batch(
     ledger = Ledger(fdir / "ledger.sqlite")
     try:
         sweep_dead_runs(repo, store)
-        rec, resumed = _open(
-            store, specs, batch_key(spec_paths, loaded.path), loaded, options, resume_id
-        )
+        key = batch_key(spec_paths, loaded.path)
+        before = None if options.new else _earlier(store, key, resume_id)
+        rec, resumed = _open(store, specs, key, loaded, options, resume_id)
         items = store.items(rec.batch_id)
         by_path = {str(s.path): s for s in specs}
         spent = sum(ledger.total(i.run_id) for i in items if i.run_id)
         limit = float(rec.options.get("budget_usd", options.budget_usd))  # the lower, if resumed
         cap = Cap("batch", limit, spent_usd=min(spent, limit))
-        events.emit(
-            BatchStarted(
-                batch_id=rec.batch_id,
-                specs=[i.spec_path for i in items],
-                budget_usd=options.budget_usd,
-                resumed=resumed,
+        if resumed and rec.status == "done":
+            events.emit(Notice(run_id=rec.batch_id, message=_finished_note(rec)))
+        else:
+            events.emit(
+                BatchStarted(
+                    batch_id=rec.batch_id,
+                    specs=[i.spec_path for i in items],
+                    budget_usd=limit,
+                    resumed=resumed,
+                )
             )
-        )
+            if resumed and before is not None:
+                note = _budget_note(before, options.budget_usd, limit, spent)
+                if note:
+                    events.emit(Notice(run_id=rec.batch_id, level="warning", message=note))
         async with shared_resources(repo, loaded, caps=[cap], batch_id=rec.batch_id) as shared:
             gate = asyncio.Semaphore(max(1, options.parallel))
             work = [
@@ -215,6 +265,37 @@ async def run_batch(
     )
 
 
+def _earlier(store: Store, key: str, resume_id: str | None) -> BatchRecord | None:
+    """The batch this command would resume, as it was before it is claimed."""
+    return store.batch(resume_id) if resume_id else store.latest_batch(key)
+
+
+def _finished_note(rec: BatchRecord) -> str:
+    when = datetime.fromtimestamp(rec.finished or rec.started)
+    return (
+        f"batch {rec.batch_id} is finished (since {when:%Y-%m-%d %H:%M}); nothing is run "
+        "again. Its summary follows; `--new` starts it over"
+    )
+
+
+def _budget_note(before: BatchRecord, asked: float, limit: float, spent: float) -> str | None:
+    """Which budget holds when a resumed batch is given a different --budget."""
+    first = before.options.get("budget_usd")
+    if first is None or float(first) == asked:
+        return None
+    left = f"{usd(max(limit - spent, 0.0))} left after {usd(spent)} spent"
+    if asked > float(first):
+        return (
+            f"--budget {usd(asked)} is ignored: batch {before.batch_id} keeps its budget of "
+            f"{usd(limit)} (a resumed batch's budget never rises; {left}); "
+            "`--new` starts over with the new budget"
+        )
+    return (
+        f"--budget {usd(asked)} replaces the {usd(float(first))} batch {before.batch_id} "
+        f"started with (the lower holds; {left})"
+    )
+
+
 async def _one(
     item: BatchItem,
     spec: Spec | None,
@@ -238,8 +319,12 @@ async def _one(
         if item.run_id is None:
             if deadline is not None and datetime.now() >= deadline:
                 return skip(f"deadline {deadline:%H:%M} reached before it started")
-            if cap.remaining() < _min_call_cost(loaded):
-                return skip(f"batch budget exhausted ({usd(cap.remaining())} left)")
+            need = pass_cost(loaded, options.builders, spec)
+            if cap.remaining() < need:
+                return skip(
+                    f"batch budget exhausted ({usd(cap.remaining())} left; one pass of this "
+                    f"spec may cost {usd(need)})"
+                )
         elif spec.digest != item.spec_digest:
             store.update_item(
                 item.batch_id,
@@ -265,7 +350,7 @@ async def _one(
                         loaded,
                         repo,
                         builders=options.builders,
-                        budget_usd=run_opts.budget_usd,
+                        budget_usd=spec_budget(loaded, run_opts.budget_usd, cap.limit_usd),
                     )
                 )
             result = await run_spec(

@@ -230,6 +230,20 @@ def validate(
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     repo: RepoOpt = None,
+    builders: Annotated[
+        int | None, typer.Option(min=1, max=32, help="number of builders, as for `flow run`")
+    ] = None,
+    budget: Annotated[
+        float | None, typer.Option(min=0, help="the cap `flow run --budget` would get, USD")
+    ] = None,
+    baseline: Annotated[
+        bool,
+        typer.Option(
+            "--baseline",
+            help="also run the checks on the base commit: error if one cannot run there, "
+            "warning if one already passes",
+        ),
+    ] = False,
 ) -> None:
     """Check specs, the merged config and its keys without calling any model."""
     from orchestrator.config import resolve_api_key
@@ -242,12 +256,15 @@ def validate(
     for path in specs:
         spec = load_spec(path)
         loaded = layers.resolve(spec.models, f"{path}: models")
-        preflight(spec, loaded, repository)  # the same checks `flow run` makes before spending
-        slots = loaded.builder_slots(spec.builders)
+        # the same checks `flow run` makes before spending
+        base_sha = preflight(spec, loaded, repository, builders=builders, budget_usd=budget)
+        slots = loaded.builder_slots(builders or spec.builders)
         typer.echo(
             f"ok  {path}: {spec.title!r} → {spec.branch}; {len(slots)} builders, "
             f"{len(spec.checks)} checks, {len(spec.requirements)} requirements"
         )
+        if baseline:
+            _baseline(spec, loaded, repository, base_sha)
     for model in loaded.models.values():
         resolve_api_key(model)
         vendor_key(model)
@@ -269,6 +286,21 @@ def validate(
     from orchestrator import sandbox
 
     typer.echo(("sandbox: " if sandbox.bwrap() else "warning: ") + sandbox.describe())
+
+
+def _baseline(spec: Any, loaded: Any, repository: Repo, base_sha: str) -> None:
+    from orchestrator.baseline import run_baseline
+    from orchestrator.errors import SpecError
+
+    results = run_baseline(spec, loaded, repository, base_sha)
+    broken = [r for r in results if r.verdict == "cannot run"]
+    for r in results:
+        if r.verdict != "cannot run":
+            prefix = "warning: " if r.verdict == "passes" else "baseline: "
+            typer.echo(prefix + r.line(spec, base_sha))
+    if broken:
+        more = f"\n({len(broken) - 1} more checks cannot run)" if len(broken) > 1 else ""
+        raise SpecError(broken[0].line(spec, base_sha) + more)
 
 
 @app.command()
@@ -395,7 +427,7 @@ def batch(
         )
         typer.echo(found.model_dump_json(indent=2) if as_json else render_batch(found), nl=as_json)
         raise typer.Exit(found.exit_code)
-    from orchestrator.batch import BatchOptions, run_batch
+    from orchestrator.batch import BatchOptions, refuse_early, run_batch
 
     options = BatchOptions(
         budget_usd=budget,
@@ -407,6 +439,7 @@ def batch(
         onto_tip=onto_tip,
         **layers.source(),
     )
+    refuse_early(specs, layers, options)  # a past --until, a budget too small: before the view
     result = _live(as_json, True, lambda sink: run_batch(specs, layers, repository, sink, options))
     raise typer.Exit(result.exit_code)
 

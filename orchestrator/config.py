@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -546,8 +550,9 @@ def _check_reviewers(loaded: LoadedConfig) -> None:
         if not loaded.reviewers_for(b.model):
             fam = loaded.models[b.model].family
             raise ConfigError(
-                f"stages.builders.{i}: builder {b.model!r} (family {fam!r}) has no reviewer of "
-                "another family; add a reviewer from a different vendor or set `family:`"
+                f"stages.reviewers: builder {b.model!r} (stages.builders.{i}, family {fam!r}) "
+                "has no reviewer of another family; add a reviewer from a different vendor "
+                "or set `family:`"
             )
 
 
@@ -571,41 +576,101 @@ def _implicit_models(config: Config) -> None:
             config.models[ref] = ModelConfig(id=ref)
 
 
-def format_validation_error(source: str, err: ValidationError) -> str:
-    """One line per problem: file, dotted key path, what was expected."""
+Where = Callable[[str], str]
+"""Names the layer (file and line, `--set …`, a spec's `models:`) that set a dotted key path."""
+
+_LEADING_PATH = re.compile(r"^([\w][\w.\-/]*): ")
+
+
+def format_validation_error(source: str | Where, err: ValidationError) -> str:
+    """One line per problem: the layer (file and line) that set the key, the dotted key path,
+    what was expected; an unknown key gets its likely spelling."""
+    label = source if callable(source) else (lambda _path: source)
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see agents.yaml in the README)"
+            msg = "unknown key" + _did_you_mean(e["loc"])
         elif e["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}")
+        path = loc
+        if not path and (lead := _LEADING_PATH.match(msg)):
+            path = lead.group(1)  # a model validator's message names its key path first
+        where = label(path)
+        lines.append(f"{where}: {loc}: {msg}" if loc else f"{where}: {msg}")
     # One or two lines: the first problem, and how many more there are.
     more = f"\n({len(lines) - 1} more problems; fix this one first)" if len(lines) > 1 else ""
     return lines[0] + more
 
 
-def parse_config(data: Any, source: str = "agents.yaml", base: Path | None = None) -> LoadedConfig:
-    """Validate a parsed agents.yaml document."""
+def _did_you_mean(loc: tuple[int | str, ...]) -> str:
+    """`; did you mean 'model'?` for an unknown key, from the keys its section accepts."""
+    known = _keys_at(Config, list(loc[:-1]))
+    if not known:
+        return " (check the spelling; see agents.yaml in the README)"
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; known keys here: {', '.join(sorted(known))}"
+
+
+def _keys_at(annotation: Any, loc: list[int | str]) -> list[str]:
+    """The keys the pydantic model at `loc` (inside `annotation`) accepts."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _keys_at(typing.get_args(annotation)[0], loc)
+    if origin in (typing.Union, types.UnionType):
+        for member in typing.get_args(annotation):
+            found = _keys_at(member, loc)
+            if found:
+                return found
+        return []
+    if origin in (list, dict):
+        if not loc:
+            return []
+        return _keys_at(typing.get_args(annotation)[-1], loc[1:])
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if not loc:
+            return list(annotation.model_fields)
+        field = annotation.model_fields.get(str(loc[0]))
+        return _keys_at(field.annotation, loc[1:]) if field is not None else []
+    return []
+
+
+def parse_config(
+    data: Any,
+    source: str = "agents.yaml",
+    base: Path | None = None,
+    where: Where | None = None,
+) -> LoadedConfig:
+    """Validate a parsed agents.yaml document; `where` names the layer behind a key path
+    (default: `source` for every key)."""
+    label: Where = where or (lambda _path: source)
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with providers/models/stages at the top")
     try:
         config = Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(source, err)) from None
+        raise ConfigError(format_validation_error(label, err)) from None
+    named = set(config.models)
     _implicit_models(config)
-    try:
-        models = {n: _resolve(n, m, config, base) for n, m in config.models.items()}
-    except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
+    refs = {ref: path for path, ref in reversed(_stage_refs(config.stages))}
+    models = {}
+    for n, m in config.models.items():
+        try:
+            models[n] = _resolve(n, m, config, base)
+        except ConfigError as err:
+            # An implicit model (a stage names a litellm id) came from that stage's layer.
+            at = f"models.{n}" if n in named else refs.get(n, f"models.{n}")
+            raise ConfigError(f"{label(at)}: {err}") from None
     loaded = LoadedConfig(config=config, path=Path(source) if base else None, models=models)
     try:
         _check_reviewers(loaded)
         _check_checks_env(loaded)
     except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
+        lead = _LEADING_PATH.match(str(err))
+        raise ConfigError(f"{label(lead.group(1) if lead else '')}: {err}") from None
     return loaded
 
 
@@ -621,25 +686,67 @@ def _check_checks_env(loaded: LoadedConfig) -> None:
 
 def read_yaml(path: Path) -> Any:
     """A config file's YAML; errors name the file (and the line, for syntax errors)."""
+    return read_yaml_lines(path)[0]
+
+
+def read_yaml_lines(path: Path) -> tuple[Any, dict[str, int]]:
+    """A config file's YAML and the line (1-based) of every dotted key path in it."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found; pass --config FILE or create agents.yaml") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+    loader = yaml.SafeLoader(text)
     try:
-        return yaml.safe_load(text)
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(
             f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})"
         ) from None
+    finally:
+        loader.dispose()
+    lines: dict[str, int] = {}
+    if node is not None:
+        _node_lines(node, "", lines)
+    return data, lines
+
+
+def _node_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = f"{prefix}{key.value}"
+            lines.setdefault(path, key.start_mark.line + 1)
+            _node_lines(value, path + ".", lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines.setdefault(f"{prefix}{i}", item.start_mark.line + 1)
+            _node_lines(item, f"{prefix}{i}.", lines)
+
+
+def line_of(lines: dict[str, int], path: str) -> int | None:
+    """The line of `path`, else of its nearest ancestor that has one."""
+    while path:
+        if path in lines:
+            return lines[path]
+        path = path.rpartition(".")[0]
+    return None
 
 
 def load_config(path: Path) -> LoadedConfig:
     """Read and validate an agents.yaml file."""
-    loaded = parse_config(read_yaml(path), str(path), path.parent.resolve())
+    data, lines = read_yaml_lines(path)
+
+    def where(key: str) -> str:
+        line = line_of(lines, key)
+        return f"{path}:{line}" if line else str(path)
+
+    loaded = parse_config(data, str(path), path.parent.resolve(), where)
     loaded.path = path
     return loaded
 

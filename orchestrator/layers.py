@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from orchestrator.config import LoadedConfig, parse_config, read_yaml
+from orchestrator.config import LoadedConfig, line_of, parse_config, read_yaml_lines
 from orchestrator.errors import ConfigError
 
 UNIT_SECTIONS = ("providers", "models", "profiles")
@@ -70,6 +70,17 @@ class Layer:
     source: str
     """Where the values came from, as shown by `flow config show`."""
     data: dict[str, Any]
+    path: Path | None = None
+    """The file the values were read from (None: built-in, --profile, a spec, --set)."""
+    lines: dict[str, int] = field(default_factory=dict)
+    """The line of every dotted key path in that file."""
+
+    def where(self, key: str) -> str:
+        """What an error about `key` names: the file and line, or the layer itself."""
+        if self.path is None:
+            return self.source
+        line = line_of(self.lines, key)
+        return f"{self.path}:{line}" if line else str(self.path)
 
 
 def user_config_path(environ: dict[str, str] | None = None) -> Path:
@@ -79,7 +90,7 @@ def user_config_path(environ: dict[str, str] | None = None) -> Path:
 
 
 def _read(path: Path, source: str) -> Layer:
-    data = read_yaml(path)
+    data, lines = read_yaml_lines(path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -89,7 +100,7 @@ def _read(path: Path, source: str) -> Layer:
         script = model.get("script") if isinstance(model, dict) else None
         if isinstance(script, str) and ":" not in script and not Path(script).is_absolute():
             model["script"] = str((path.parent / script).resolve())
-    return Layer(source=f"{source} {path}", data=data)
+    return Layer(source=f"{source} {path}", data=data, path=path, lines=lines)
 
 
 def parse_set(assignment: str) -> dict[str, Any]:
@@ -254,7 +265,8 @@ class Layers:
     def resolve(
         self, spec_models: dict[str, Any] | None = None, spec_source: str = "spec"
     ) -> LoadedConfig:
-        merged, _ = merge(self.layers(spec_models, spec_source))
+        layers = self.layers(spec_models, spec_source)
+        merged, origin = merge(layers)
         merged.pop("profiles", None)
         if "stages" not in merged:
             raise ConfigError(
@@ -262,7 +274,15 @@ class Layers:
                 f"--config FILE, or write {user_config_path()} (see the README)"
             )
         source = str(self.repo_config) if self.repo_config else "agents.yaml (merged)"
-        loaded = parse_config(merged, source, base=None)
+        by_source = {layer.source: layer for layer in layers}
+
+        def where(key: str) -> str:
+            """The layer whose value of `key` (or of the entry holding it) was kept."""
+            found = _origin_of(origin, key)
+            layer = by_source.get(found) if found else None
+            return layer.where(key) if layer is not None else source
+
+        loaded = parse_config(merged, source, base=None, where=where)
         loaded.path = self.repo_config
         return loaded
 
@@ -283,6 +303,20 @@ class Layers:
                 continue  # None is "not set", not a value worth a line
             rows.append((path, _dump(value), "default"))
         return sorted(rows)
+
+
+def _origin_of(origin: dict[str, str], key: str) -> str | None:
+    """The source of `key`: its own, else that of its nearest ancestor that a layer set
+    (whole, or an entry of which a layer replaced: its first leaf's)."""
+    path = key
+    while path:
+        if path in origin:
+            return origin[path]
+        inside = sorted(p for p in origin if p.startswith(path + "."))
+        if inside:
+            return origin[inside[0]]
+        path = path.rpartition(".")[0]
+    return None
 
 
 def _dump(value: Any) -> str:

@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping
 from orchestrator.catalog import VENDOR_KEYS, vendor_of
 from orchestrator.config import LoadedConfig, ResolvedModel, resolve_api_key
 from orchestrator.errors import BudgetExceeded, ConfigError, WorkspaceError
-from orchestrator.proc import sandbox_env
+from orchestrator.fmt import usd
+from orchestrator.proc import checks_env
 from orchestrator.spec import Spec
 from orchestrator.workspace import Repo
 
@@ -30,8 +31,9 @@ def vendor_key(model: ResolvedModel, environ: Mapping[str, str] | None = None) -
     names = VENDOR_KEYS.get(vendor)
     if names and not any(env.get(n) for n in names):
         raise ConfigError(
-            f"models.{model.name}: {model.litellm_model!r} is a {vendor} model and "
-            f"{names[0]} is not set; export {names[0]}=… or route it through a provider"
+            f"models.{model.name}: litellm sends {model.litellm_model!r} to {vendor}, which "
+            f"needs {names[0]}, and it is not set; export {names[0]}=… or route the model "
+            "through a provider (`provider:` with its own api_key)"
         )
 
 
@@ -73,8 +75,12 @@ def program_of(command: str) -> str | None:
     return words[0]
 
 
-def missing_programs(commands: list[str], has_file: Callable[[str], bool]) -> list[str]:
-    """Check programs that are neither on PATH nor (for ./paths) files of the repository."""
+def missing_programs(
+    commands: list[str], has_file: Callable[[str], bool], path: str | None = None
+) -> list[str]:
+    """Check programs that are neither on the checks' PATH (`path`, default: that of
+    `checks_env`) nor (for ./paths) files of the repository."""
+    search = checks_env().get("PATH") if path is None else path
     missing = []
     for command in commands:
         program = program_of(command)
@@ -86,7 +92,7 @@ def missing_programs(commands: list[str], has_file: Callable[[str], bool]) -> li
             if os.path.isabs(program) and os.access(program, os.X_OK):
                 continue
             missing.append(program)
-        elif shutil.which(program, path=sandbox_env().get("PATH")) is None:
+        elif shutil.which(program, path=search) is None:
             missing.append(program)
     return missing
 
@@ -95,21 +101,29 @@ def _worst_first_call(loaded: LoadedConfig, model: str, stage: str) -> float:
     return loaded.worst_call(model, stage, PROMPT_ALLOWANCE_TOKENS)
 
 
-def affordable(loaded: LoadedConfig, slots: list[str], budget_usd: float | None) -> None:
-    """The budget must cover the planner, one builder's first turn and one review round."""
-    if budget_usd is None:
-        return
+def one_pass(loaded: LoadedConfig, slots: list[str]) -> tuple[float, float, float]:
+    """The worst case of one pass: the planner's call, a builder's first turn (the dearest
+    slot) and one review round."""
     stages = loaded.config.stages
     planner = _worst_first_call(loaded, stages.planner.model, "plan")
     builder = max(_worst_first_call(loaded, m, "build") for m in slots)
     reviews = sum(_worst_first_call(loaded, r.model, "review") for r in stages.reviewers)
+    return planner, builder, reviews
+
+
+def affordable(loaded: LoadedConfig, slots: list[str], budget_usd: float | None) -> None:
+    """The budget must cover the planner, one builder's first turn and one review round:
+    below that a run would spend and then skip every review (and apply nothing)."""
+    if budget_usd is None:
+        return
+    planner, builder, reviews = one_pass(loaded, slots)
     need = planner + builder + reviews
     if need > budget_usd:
         raise BudgetExceeded(
-            f"budget ${budget_usd:.2f} cannot afford one pass at the worst case: planner "
-            f"${planner:.2f} + a builder's first turn ${builder:.2f} + one review round "
-            f"${reviews:.2f} = ${need:.2f}; raise --budget (or budget.per_run_usd) to at least "
-            f"{need:.2f}, or lower max_output_tokens"
+            f"budget {usd(budget_usd)} cannot afford one pass at the worst case: planner "
+            f"{usd(planner)} + a builder's first turn {usd(builder)} + one review round "
+            f"{usd(reviews)} = {usd(need)}; raise the budget (--budget; --per-spec in a batch; "
+            f"budget.per_run_usd) to at least {usd(need)}, or lower budget.output_tokens"
         )
 
 
@@ -145,7 +159,11 @@ def preflight(
             "never downloaded, so builders would see files missing; download them with\n"
             f"  git -c remote.{remote}.partialclonefilter=blob:limit=1g fetch --refetch {remote}"
         )
-    missing = missing_programs(spec.checks, lambda path: repo.has_file(base_sha, path))
+    missing = missing_programs(
+        spec.checks,
+        lambda path: repo.has_file(base_sha, path),
+        checks_env(project=repo.root).get("PATH"),
+    )
     if missing:
         raise WorkspaceError(
             f"{spec.path}: checks: {missing[0]!r} is not installed (not on "

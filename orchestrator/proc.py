@@ -16,6 +16,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -50,13 +51,49 @@ class CommandResult(BaseModel):
     """stdout and stderr interleaved, UTF-8 with replacement, head and tail kept within the cap."""
 
 
+def flow_venv() -> Path | None:
+    """The virtualenv flow itself runs from (None when it runs from a base interpreter)."""
+    if sys.prefix == sys.base_prefix:
+        return None
+    return Path(sys.prefix)
+
+
+def without_flow_venv(env: dict[str, str], project: Path | None = None) -> dict[str, str]:
+    """`env` less flow's own virtualenv (its bin directory on PATH, VIRTUAL_ENV naming it),
+    so a project's commands run under the project's python, not flow's. A virtualenv inside
+    the project is the project's own and is kept."""
+    venv = flow_venv()
+    if venv is None:
+        return env
+    venv = venv.resolve()
+    if project is not None and venv.is_relative_to(project.resolve()):
+        return env
+    out = dict(env)
+    if "VIRTUAL_ENV" in out and _same(out["VIRTUAL_ENV"], venv):
+        del out["VIRTUAL_ENV"]
+    if "PATH" in out:
+        kept = [d for d in out["PATH"].split(os.pathsep) if not d or not _same(d, venv / "bin")]
+        out["PATH"] = os.pathsep.join(kept)
+    return out
+
+
+def _same(path: str, other: Path) -> bool:
+    try:
+        return Path(path).resolve() == other
+    except (OSError, RuntimeError):
+        return False
+
+
 def sandbox_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """An allowlisted copy of os.environ: never API keys or tokens. `extra` is trusted as is."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if (k in _KEPT_ENV or k.startswith("LC_")) and not secret_name(k)
-    }
+    """An allowlisted copy of os.environ: never API keys or tokens, nor flow's own
+    virtualenv. `extra` is trusted as is."""
+    env = without_flow_venv(
+        {
+            k: v
+            for k, v in os.environ.items()
+            if (k in _KEPT_ENV or k.startswith("LC_")) and not secret_name(k)
+        }
+    )
     env.update(GIT_TERMINAL_PROMPT="0", PYTHONDONTWRITEBYTECODE="1", CI="1")
     env.update(extra or {})
     return env
@@ -67,8 +104,10 @@ def checks_env(
     hidden_values: Collection[str] = (),
     allowed: Collection[str] = (),
     environ: Mapping[str, str] | None = None,
+    project: Path | None = None,
 ) -> dict[str, str]:
-    """The environment of the spec's checks: the user's own, less what could hand out a key.
+    """The environment of the spec's checks: the user's own, less what could hand out a key
+    and less flow's own virtualenv (`without_flow_venv`; `project` is the repository).
 
     Dropped: variables whose names say they are secrets (`secret_name`) unless `allowed`
     names them, the variables in `hidden` (those agents.yaml reads model keys from) and any
@@ -86,6 +125,7 @@ def checks_env(
         and v not in keys
         and (k in allowed or not secret_name(k))
     }
+    env = without_flow_venv(env, project)
     env["GIT_TERMINAL_PROMPT"] = "0"
     env.setdefault("CI", "1")
     env.setdefault("PYTHONDONTWRITEBYTECODE", "1")

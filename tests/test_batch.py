@@ -14,12 +14,13 @@ import pytest
 import yaml
 from conftest import git, untouched
 
-from orchestrator.batch import BatchOptions, BatchResult, _min_call_cost, parse_until, run_batch
+from orchestrator.batch import BatchOptions, BatchResult, parse_until, pass_cost, run_batch
 from orchestrator.config import load_config
 from orchestrator.demo import DemoPaths, prepare_demo
 from orchestrator.errors import FlowError
 from orchestrator.ledger import Ledger
 from orchestrator.protocols import ListSink
+from orchestrator.spec import load_spec
 from orchestrator.workspace import Repo
 
 
@@ -68,10 +69,12 @@ def test_rerunning_a_finished_batch_does_no_new_work(tmp_path: Path) -> None:
 
 def test_budget_exhaustion_skips_new_specs_and_says_why(tmp_path: Path) -> None:
     demo = prepare_demo(tmp_path)
-    # A spec starts only if the batch can still afford its planner's worst case; the first
-    # spec's real spend (> $0.0005) leaves too little for the next ones.
-    budget = _min_call_cost(load_config(demo.config)) + 0.0005
-    result = batch(demo, specs(demo, 3), budget_usd=budget, parallel=1)
+    # A spec starts only if the batch can still afford one pass of it at the worst case
+    # (planner, a builder's first turn, a review round); the first spec's real spend
+    # (> $0.0005) leaves too little for the next ones.
+    paths = specs(demo, 3)
+    budget = pass_cost(load_config(demo.config), None, load_spec(paths[0])) + 0.0005
+    result = batch(demo, paths, budget_usd=budget, parallel=1)
     statuses = [i.status for i in result.items]
     # The first spec runs; whether its reviews fit what is left decides applied or not
     # (a candidate without a completed review is not applied), never a skip.

@@ -35,6 +35,9 @@ from orchestrator.protocols import EventSink, NullSink
 from orchestrator.redact import Redactor, environment_secrets
 
 ALLOW_ENV = "FLOW_ALLOW_MODEL_REQUESTS"
+CONNECT_RETRIES = 1
+"""Retries for a provider that could not be reached: a server that is down or a mistyped
+URL rarely comes back within a backoff, and each retry keeps the run waiting."""
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")  # as in config.resolve_api_key
 
@@ -379,7 +382,10 @@ class Door:
         charge: float,
     ) -> None:
         """Record a failed attempt; raise unless a retry can help, else wait for it."""
-        retry = failure.retryable and attempt < provider.retries
+        retries = (
+            min(provider.retries, CONNECT_RETRIES) if failure.unreachable else provider.retries
+        )
+        retry = failure.retryable and attempt < retries
         error = self._redact(failure.message)[:500]
         if charge:
             error = f"{error} (no reply; counted at its worst case, ${charge:.6f})"
@@ -388,12 +394,16 @@ class Door:
         if not retry:
             raise self._provider_error(rm, failure) from None
         delay = self._delay(failure, attempt)
+        what = (
+            f"cannot connect to {self._endpoint(rm)} ({failure.message})"
+            if failure.unreachable
+            else f"HTTP {failure.status or 'error'}"
+        )
         self.events.emit(
             Notice(
                 run_id=self.run_id,
                 level="warning",
-                message=f"{rm.name}: HTTP {failure.status or 'error'}; "
-                f"retry {attempt + 1}/{provider.retries} in {delay:.1f}s",
+                message=f"{rm.name}: {what}; retry {attempt + 1}/{retries} in {delay:.1f}s",
             )
         )
         await asyncio.sleep(delay)
@@ -465,8 +475,24 @@ class Door:
         ceiling = min(self.backoff_cap_s, self.backoff_base_s * 2.0**attempt)
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
+    @staticmethod
+    def _endpoint(rm: ResolvedModel) -> str:
+        """The URL a model is called at, as the user would recognise it."""
+        if rm.base_url:
+            return rm.base_url
+        return f"the {catalog.vendor_of(rm.litellm_model)} API (litellm's default URL)"
+
     def _provider_error(self, rm: ResolvedModel, failure: wire.Failure) -> ProviderError:
         status = failure.status
+        if failure.unreachable:
+            where = f"provider {rm.provider!r}" if rm.provider else f"models.{rm.name}"
+            fix = f"providers.{rm.provider}.base_url" if rm.provider else "the network"
+            return ProviderError(
+                f"{rm.name}: cannot connect to {self._endpoint(rm)} ({where}: "
+                f"{failure.message}); check that the server is up and {fix}",
+                retryable=True,
+                status=None,
+            )
         if failure.auth:
             ref = rm.api_key_ref
             if ref is None:

@@ -389,6 +389,35 @@ class Failure:
     maybe_billed: bool = False
     """No HTTP status came back (timeout, reset, broken body): the provider may have done, and
     billed, the work."""
+    unreachable: bool = False
+    """No connection was made (refused, unknown host, connect timeout): nothing was sent, and
+    `message` says why in the words of the socket."""
+
+
+def _unreachable(exc: BaseException) -> str | None:
+    """Why no connection was made, when that is what happened (litellm reports it as an
+    HTTP 500 'Connection error.'; the cause is further down the exception chain). Not a
+    reset: litellm's aiohttp transport calls that an `httpx.ConnectError` too."""
+    import socket
+
+    import httpx
+
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    found: str | None = None
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        names = {(c.__module__.split(".")[0], c.__name__) for c in type(link).__mro__}
+        if isinstance(link, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(link, socket.gaierror):
+            return f"unknown host: {link.strerror or link}"
+        if isinstance(link, httpx.ConnectTimeout):
+            found = found or "timed out while connecting"
+        elif ("aiohttp", "ClientConnectorError") in names or ("httpcore", "ConnectError") in names:
+            found = found or str(link).split(" ssl:", 1)[0] or "no connection"
+        link = link.__cause__ or link.__context__
+    return found
 
 
 def _header(headers: Any, name: str) -> str | None:
@@ -447,6 +476,9 @@ def classify(exc: BaseException) -> Failure | None:
     status = getattr(exc, "status_code", None)
     status = status if isinstance(status, int) else None
     message = str(getattr(exc, "message", None) or exc)
+    why = _unreachable(exc)
+    if why is not None:
+        return Failure(None, True, False, None, why, unreachable=True)
     if isinstance(
         exc,
         openai.APITimeoutError

@@ -32,13 +32,21 @@ async def check_candidate(ctx: Context, cand: Candidate, base_sha: str) -> Candi
 
 async def run_check(ctx: Context, command: str, path: Path) -> CommandResult:
     """One check command (or held-out test) in a checkout, as the checks run."""
-    settings = ctx.config.config.checks
+    return await run_check_as_checks(ctx.config, ctx.repo.root, command, path)
+
+
+async def run_check_as_checks(
+    loaded: LoadedConfig, project: Path, command: str, path: Path
+) -> CommandResult:
+    """One command in a checkout of `project`, confined and with the environment of the
+    spec's checks (also `flow validate --baseline`)."""
+    settings = loaded.config.checks
     return await run_shell(
         command,
         path,
         timeout_s=settings.timeout_s,
         output_cap=settings.output_cap_bytes,
-        env=_environment(ctx.config),
+        env=check_environment(loaded, project),
         isolate_user=True,
     )
 
@@ -97,11 +105,13 @@ async def checks_on(
     return results
 
 
-def _environment(loaded: LoadedConfig) -> dict[str, str]:
+def check_environment(loaded: LoadedConfig, project: Path | None = None) -> dict[str, str]:
     """The user's environment for the checks, less secrets, every variable this config reads
-    a model key from and every key value under any other name; plus `checks.env`."""
+    a model key from and every key value under any other name, and flow's own virtualenv;
+    plus `checks.env`."""
     return checks_env(
         hidden=loaded.key_variables(),
         hidden_values=secret_values(loaded),
         allowed=loaded.config.checks.env,
+        project=project,
     )
