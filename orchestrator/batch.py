@@ -23,7 +23,6 @@ from orchestrator.protocols import EventSink
 from orchestrator.runner import (
     RunOptions,
     Shared,
-    flow_dir,
     new_run_id,
     run_spec,
     shared_resources,
@@ -31,7 +30,7 @@ from orchestrator.runner import (
 )
 from orchestrator.spec import Spec, load_spec
 from orchestrator.store import BatchItem, BatchRecord, Store
-from orchestrator.workspace import Repo
+from orchestrator.workspace import Repo, flow_dir
 
 if TYPE_CHECKING:
     from orchestrator.budget import Cap

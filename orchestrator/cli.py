@@ -454,9 +454,10 @@ def resume(
 ) -> None:
     """Finish an interrupted run or batch; finished work is not redone or paid for again."""
     from orchestrator.batch import BatchOptions, run_batch
-    from orchestrator.runner import RunOptions, flow_dir, run_spec
+    from orchestrator.runner import RunOptions, run_spec
     from orchestrator.spec import load_spec
     from orchestrator.store import Store
+    from orchestrator.workspace import flow_dir
 
     repository = _repo(repo)
     store = Store(flow_dir(repository) / "ledger.sqlite")
@@ -510,9 +511,9 @@ def status(
     from rich.console import Console
 
     from orchestrator.report import drift_note
-    from orchestrator.runner import flow_dir
     from orchestrator.store import Store
     from orchestrator.ui import status_tables
+    from orchestrator.workspace import flow_dir
 
     repository = _repo(repo)
     fdir = flow_dir(repository)
@@ -563,8 +564,8 @@ def report(
 
     from orchestrator.ledger import Ledger
     from orchestrator.report import batch_json, write_batch_report
-    from orchestrator.runner import flow_dir
     from orchestrator.store import Store
+    from orchestrator.workspace import flow_dir
 
     fdir = flow_dir(_repo(repo))
     store, ledger = Store(fdir / "ledger.sqlite"), Ledger(fdir / "ledger.sqlite")
@@ -620,8 +621,8 @@ def show(
 ) -> None:
     """A run's candidates and their evidence, or one candidate's evidence and diff."""
     from orchestrator.pick import RunView, detail, overview
-    from orchestrator.runner import flow_dir
     from orchestrator.store import Store
+    from orchestrator.workspace import flow_dir
 
     fdir = flow_dir(_repo(repo))
     store = Store(fdir / "ledger.sqlite")
@@ -652,8 +653,8 @@ def pick(
     """Commit a run's candidate N to a new branch, as `apply` would have."""
     from orchestrator.pick import RunView
     from orchestrator.pick import pick as pick_candidate
-    from orchestrator.runner import flow_dir
     from orchestrator.store import Store
+    from orchestrator.workspace import flow_dir
 
     repository = _repo(repo)
     fdir = flow_dir(repository)

@@ -11,9 +11,9 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from orchestrator.commits import candidate_ref, commit_message
 from orchestrator.errors import FlowError
 from orchestrator.fmt import score, usd
-from orchestrator.nodes.apply import candidate_ref, commit_message
 from orchestrator.state import Candidate, CandidateChecks, Review
 from orchestrator.store import Store
 from orchestrator.workspace import Repo

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from orchestrator.attempts import Attempts
 from orchestrator.config import LoadedConfig, secret_values
 from orchestrator.context import Context
-from orchestrator.errors import AuthenticationFailed, FlowError, KeyRefused, WorkspaceError
+from orchestrator.errors import AuthenticationFailed, FlowError, KeyRefused
 from orchestrator.events import BuilderUpdate, Event, Notice, RunFinished, RunStarted
 from orchestrator.layers import ConfigSource
 from orchestrator.nodes.report import outcome_of
@@ -48,7 +48,7 @@ from orchestrator.state import (
     TestTask,
 )
 from orchestrator.store import RunRecord, Store
-from orchestrator.workspace import Repo, remove_run_worktrees, worktree_dir
+from orchestrator.workspace import Repo, flow_dir, remove_run_worktrees, worktree_dir
 
 if TYPE_CHECKING:
     from orchestrator.budget import Cap
@@ -119,22 +119,6 @@ class RedactingSink:
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
-
-
-def flow_dir(repo: Repo) -> Path:
-    """<repo>/.flow, created and excluded from git; a clear error when it cannot be written."""
-    path = repo.root / ".flow"
-    try:
-        path.mkdir(exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise WorkspaceError(
-            f"{path}: not writable ({err.strerror}); fix its permissions"
-        ) from None
-    repo.ensure_excluded(".flow/")
-    return path
 
 
 def sweep_dead_runs(repo: Repo, store: Store) -> None:

@@ -655,3 +655,19 @@ def _open_up(top: Path) -> None:
         with contextlib.suppress(OSError):
             path.chmod(path.stat().st_mode | stat.S_IRWXU)
             stack.extend(p for p in path.iterdir() if p.is_dir() and not p.is_symlink())
+
+
+def flow_dir(repo: Repo) -> Path:
+    """<repo>/.flow, created and excluded from git; a clear error when it cannot be written."""
+    path = repo.root / ".flow"
+    try:
+        path.mkdir(exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise WorkspaceError(
+            f"{path}: not writable ({err.strerror}); fix its permissions"
+        ) from None
+    repo.ensure_excluded(".flow/")
+    return path

@@ -214,3 +214,16 @@ def test_models_and_config_show_work_outside_a_repository(tmp_path: Path) -> Non
     assert listed.returncode == 0, listed.stderr
     rows = [json.loads(ln) for ln in listed.stdout.splitlines()]
     assert {r["name"] for r in rows if r["kind"] == "model"} == {"m", "r"}
+
+
+def test_status_report_and_show_import_neither_litellm_nor_langgraph(demo: DemoPaths) -> None:
+    done = flow("run", str(demo.spec), "--config", str(demo.config), "--repo", str(demo.repo))
+    assert done.returncode == 0, done.stderr
+    heavy = ("litellm", "langgraph", "langchain_core", "openai")
+    for argv in (
+        ("status", "--repo", str(demo.repo)),
+        ("report", "last", "--json", "--repo", str(demo.repo)),
+        ("show", "last", "0", "--repo", str(demo.repo)),
+    ):
+        loaded = modules_after(*argv)
+        assert not {m for m in loaded if m.split(".")[0] in heavy}, (argv, loaded)

@@ -8,26 +8,12 @@ import asyncio
 
 from langgraph.runtime import Runtime
 
+from orchestrator.commits import candidate_ref, commit_message
 from orchestrator.context import Context
 from orchestrator.errors import WorkspaceError
 from orchestrator.events import Notice, StageStarted
-from orchestrator.fmt import usd
-from orchestrator.state import Applied, Candidate, RunState
+from orchestrator.state import Applied, RunState
 from orchestrator.workspace import BranchExists
-
-
-def commit_message(title: str, winner: Candidate, run_id: str, cost: float) -> str:
-    body = winner.summary.strip()
-    parts = [title.strip()]
-    if body:
-        parts.append(body)
-    parts.append(f"Flow-Run: {run_id}\nFlow-Model: {winner.model}\nFlow-Cost: {usd(cost)}")
-    return "\n\n".join(parts) + "\n"
-
-
-def candidate_ref(run_id: str, index: int) -> str:
-    """Where a run's candidate N is kept in the user's repository (not a branch)."""
-    return f"refs/flow/{run_id}/{index}"
 
 
 async def keep_candidates(ctx: Context, state: RunState) -> list[str]:
