@@ -54,7 +54,8 @@ def describe() -> str:
         )
     return (
         "bubblewrap is not usable here (install it: apt-get install bubblewrap), so builder "
-        "commands are cut off from the network only and can read and write every file you can."
+        "commands are cut off from the network only and can read and write every file you can, "
+        "and agent CLIs run unconfined (set `sandbox: required` to refuse that)."
     )
 
 
