@@ -79,6 +79,11 @@ _SHADOW_CONFIG = (
     ("core.excludesFile", "/dev/null"),
     ("core.untrackedCache", "false"),
     ("core.splitIndex", "false"),
+    # flow's index keeps the checkout's stat data, and a file whose stat data still matches is
+    # not read again: the model can reset a file's mtime and size, never its ctime or inode.
+    ("core.trustctime", "true"),
+    ("core.checkStat", "default"),
+    ("core.ignoreStat", "false"),
     ("gc.auto", "0"),
     ("maintenance.auto", "false"),
 )
@@ -317,26 +322,41 @@ class Repo:
         return path
 
     def _clone(self, path: Path, sha: str) -> None:
-        # --template= copies no hooks from the user's init.templateDir; --config takes effect
-        # before the first ref is written, so not even a global reference-transaction hook runs.
-        config = [f"--config={key}={value}" for key, value in _CLONE_CONFIG]
-        clone = ("clone", "--shared", "--no-checkout", "--quiet", "--template=", *config)
-        _run(path.parent, (*clone, "--", str(self.git_dir), str(path)))
-        _run(path, ("remote", "remove", "origin"))  # no `git push` into the user's repository
+        # An empty repository that borrows the user's objects (alternates): no ref, remote or
+        # branch is copied, so making it costs nothing per branch of the user's. --template=
+        # copies no hooks from init.templateDir; the user's config is not read (scrubbed), so
+        # not even a global reference-transaction hook runs.
+        fmt = self._object_format()
+        init = ("init", "--quiet", "--template=", f"--object-format={fmt}")
+        _run(path.parent, (*init, "--", str(path)), scrubbed=True)
+        dot_git = path / ".git"
+        for key, value in _CLONE_CONFIG:
+            _run(path, ("config", key, value), env={"GIT_DIR": str(dot_git)}, scrubbed=True)
+        (dot_git / "objects" / "info").mkdir(parents=True, exist_ok=True)
+        (dot_git / "objects" / "info" / "alternates").write_text(
+            f"{(self.git_dir / 'objects').resolve()}\n", encoding="utf-8"
+        )
         exclude = self.git_dir / "info" / "exclude"
         if exclude.is_file():
-            (path / ".git" / "info").mkdir(exist_ok=True)
-            shutil.copyfile(exclude, path / ".git" / "info" / "exclude")
+            (dot_git / "info").mkdir(exist_ok=True)
+            shutil.copyfile(exclude, dot_git / "info" / "exclude")
+        (dot_git / "HEAD").write_text(f"{sha}\n", encoding="utf-8")
         # Every object of the source is readable through alternates: a base reachable only
-        # from a tag, or from nothing at all, checks out as well as a branch tip.
-        _run(path, ("checkout", "--quiet", "--detach", sha, "--"))
+        # from a tag, or from nothing at all, checks out as well as a branch tip. flow's own
+        # git directory writes the files (no filter or conversion of anyone's config runs),
+        # and its index, with the files' stat data, becomes the checkout's own too.
         self._shadow(path, sha)
+        _safe(path, ("read-tree", "--reset", "-u", sha), _checkout_env(path))
+        shutil.copyfile(shadow_dir(path) / "index", dot_git / "index")
+
+    def _object_format(self) -> str:
+        return self.git("rev-parse", "--show-object-format", check=False) or "sha1"
 
     def _shadow(self, path: Path, sha: str) -> None:
         """flow's own git directory for reading `path` later (see `shadow_dir`)."""
         shadow = shadow_dir(path)
         _remove_tree(shadow)
-        fmt = self.git("rev-parse", "--show-object-format", check=False) or "sha1"
+        fmt = self._object_format()
         init = ("init", "--bare", "--quiet", "--template=", f"--object-format={fmt}")
         _run(path.parent, (*init, "--", str(shadow)), scrubbed=True)
         for key, value in _SHADOW_CONFIG:

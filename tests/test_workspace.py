@@ -347,7 +347,7 @@ def test_add_worktree_replaces_a_leftover_checkout_but_nothing_else(repo: Repo) 
 
 def test_a_failed_add_worktree_leaves_nothing(repo: Repo) -> None:
     path = worktree_dir(repo, "r1") / "b0"
-    with pytest.raises(WorkspaceError, match="git checkout failed"):
+    with pytest.raises(WorkspaceError, match="git read-tree failed"):
         repo.add_worktree(path, "0" * 40)
     assert not path.exists()
 
@@ -559,6 +559,16 @@ def test_worktree_diff_leaves_out_a_nested_repository(repo: Repo) -> None:
     patch = worktree_diff(wt, base)
     assert diff_stats(patch)[0] == ["kept.txt"]
     assert b"Subproject commit" not in patch
+
+
+def test_add_worktree_copies_no_ref_of_the_users(repo: Repo) -> None:
+    for i in range(5):
+        git(repo.root, "branch", f"topic/{i}")
+    git(repo.root, "tag", "v1")
+    path = repo.add_worktree(worktree_dir(repo, "r1") / "b0", repo.resolve("HEAD"))
+    assert git(path, "for-each-ref") == ""
+    assert git(path, "rev-parse", "HEAD") == repo.resolve("HEAD")
+    assert git(path, "log", "--format=%s", "-1") == git(repo.root, "log", "--format=%s", "-1")
 
 
 def test_worktree_diff_ignores_users_diff_config(repo: Repo) -> None:
