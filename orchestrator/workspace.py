@@ -505,13 +505,17 @@ def shadow_dir(worktree: Path) -> Path:
 
 
 def worktree_diff(worktree: Path, base_sha: str) -> bytes:
-    """Everything in `worktree` that differs from base, as a binary patch; b"" if nothing."""
-    with tempfile.TemporaryDirectory(prefix="flow-index-") as tmp:
-        index = _checkout_env(worktree) | {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
-        _safe(worktree, ("read-tree", base_sha), index)
-        _safe(worktree, ("add", "-A"), index)
-        _drop_new_gitlinks(worktree, base_sha, index)
-        return _safe(worktree, ("diff", "--cached", *_DIFF_OPTS, base_sha, "--"), index).stdout
+    """Everything in `worktree` that differs from base, as a binary patch; b"" if nothing.
+
+    Read through flow's own index of the checkout (in `shadow_dir`, out of the model's
+    reach): only files whose stat data changed are hashed again, not the whole tree.
+    """
+    env = _checkout_env(worktree)
+    if not (shadow_dir(worktree) / "index").is_file():  # a checkout of an older flow
+        _safe(worktree, ("read-tree", base_sha), env)
+    _safe(worktree, ("add", "-A"), env)
+    _drop_new_gitlinks(worktree, base_sha, env)
+    return _safe(worktree, ("diff", "--cached", *_DIFF_OPTS, base_sha, "--"), env).stdout
 
 
 def _safe(

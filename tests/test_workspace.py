@@ -561,6 +561,35 @@ def test_worktree_diff_leaves_out_a_nested_repository(repo: Repo) -> None:
     assert b"Subproject commit" not in patch
 
 
+def test_worktree_diff_sees_an_edit_that_kept_size_and_mtime(repo: Repo) -> None:
+    # flow's index trusts stat data; a model can restore a file's size and mtime, not its ctime.
+    base, wt = candidate(repo)
+    assert worktree_diff(wt, base) == b""  # flow's index is now fresh
+    app = wt / "src" / "app.py"
+    was = app.stat()
+    text = app.read_text()
+    app.write_text(text.replace("return 1", "return 2"))
+    os.utime(app, ns=(was.st_atime_ns, was.st_mtime_ns))
+    now = app.stat()
+    assert (now.st_size, now.st_mtime_ns) == (was.st_size, was.st_mtime_ns)
+    patch = worktree_diff(wt, base)
+    assert diff_stats(patch) == (["src/app.py"], 1, 1)
+    assert b"+    return 2" in patch
+
+
+def test_worktree_diff_ignores_a_forged_index_in_the_checkout(repo: Repo) -> None:
+    # The checkout's own .git/index is the model's: marking a file unchanged there, or
+    # replacing the index, must not hide the file's change from flow.
+    base, wt = candidate(repo)
+    (wt / "src" / "app.py").write_text("def main():\n    return 3\n")
+    git(wt, "update-index", "--assume-unchanged", "src/app.py")
+    git(wt, "update-index", "--skip-worktree", "README.md")
+    (wt / "README.md").write_text("hidden?\n")
+    assert git(wt, "status", "--porcelain") == ""  # the model's git is fooled
+    files, _, _ = diff_stats(worktree_diff(wt, base))
+    assert sorted(files) == ["README.md", "src/app.py"]
+
+
 def test_add_worktree_copies_no_ref_of_the_users(repo: Repo) -> None:
     for i in range(5):
         git(repo.root, "branch", f"topic/{i}")
