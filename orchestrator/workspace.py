@@ -326,6 +326,17 @@ class Repo:
         # branch is copied, so making it costs nothing per branch of the user's. --template=
         # copies no hooks from init.templateDir; the user's config is not read (scrubbed), so
         # not even a global reference-transaction hook runs.
+        self._own_git(path, sha)
+        # Every object of the source is readable through alternates: a base reachable only
+        # from a tag, or from nothing at all, checks out as well as a branch tip. flow's own
+        # git directory writes the files (no filter or conversion of anyone's config runs),
+        # and its index, with the files' stat data, becomes the checkout's own too.
+        self._shadow(path, sha)
+        _safe(path, ("read-tree", "--reset", "-u", sha), _checkout_env(path))
+        shutil.copyfile(shadow_dir(path) / "index", path / ".git" / "index")
+
+    def _own_git(self, path: Path, sha: str) -> None:
+        """The checkout's own .git, its HEAD detached at `sha` (its index comes later)."""
         fmt = self._object_format()
         init = ("init", "--quiet", "--template=", f"--object-format={fmt}")
         _run(path.parent, (*init, "--", str(path)), scrubbed=True)
@@ -341,13 +352,39 @@ class Repo:
             (dot_git / "info").mkdir(exist_ok=True)
             shutil.copyfile(exclude, dot_git / "info" / "exclude")
         (dot_git / "HEAD").write_text(f"{sha}\n", encoding="utf-8")
-        # Every object of the source is readable through alternates: a base reachable only
-        # from a tag, or from nothing at all, checks out as well as a branch tip. flow's own
-        # git directory writes the files (no filter or conversion of anyone's config runs),
-        # and its index, with the files' stat data, becomes the checkout's own too.
-        self._shadow(path, sha)
-        _safe(path, ("read-tree", "--reset", "-u", sha), _checkout_env(path))
-        shutil.copyfile(shadow_dir(path) / "index", dot_git / "index")
+
+    def reuse_worktree(self, old: Path, path: Path, sha: str, patch: bytes) -> None:
+        """Turn the checkout `old` a model worked in into `path` holding exactly `sha` +
+        `patch`, as `add_worktree` + `apply_patch` would make it; only what differs from the
+        base is written again. Raises WorkspaceError when it cannot be made so (the caller
+        then makes a fresh checkout).
+
+        Nothing the model left counts: its .git (config, hooks, index) is made anew, every
+        file it changed (seen through flow's index: ctime and inode, not only mtime and
+        size) is rewritten from the base, and every untracked or ignored file and nested
+        repository is deleted; then the result is verified against flow's index.
+        """
+        env = _checkout_env(old)
+        if not (shadow_dir(old) / "index").is_file():
+            raise WorkspaceError(f"{old}: no index of flow's to reset it by")
+        if any(_is_link_or_not_dir(p) for p in (old, old / ".git")):
+            raise WorkspaceError(f"{old}: its checkout or .git is not a plain directory")
+        _remove_tree(old / ".git")
+        _safe(old, ("add", "-A"), env)
+        _safe(old, ("read-tree", "--reset", "-u", sha), env)
+        _safe(old, ("clean", "-ffdxq"), env)
+        _safe(old, ("update-index", "-q", "--refresh"), env)
+        stray = _safe(old, ("ls-files", "-z", "--others", "--directory"), env).stdout
+        dirty = _run(old, ("diff-files", "--quiet"), env=env, scrubbed=True, check=False)
+        if stray or dirty.returncode != 0:
+            raise WorkspaceError(f"{old}: could not be reset to {sha[:12]}")
+        if path != old:
+            self.remove_worktree(path)
+            old.rename(path)
+            shadow_dir(old).rename(shadow_dir(path))
+        self._own_git(path, sha)
+        shutil.copyfile(shadow_dir(path) / "index", path / ".git" / "index")
+        apply_patch(path, patch)
 
     def _object_format(self) -> str:
         return self.git("rev-parse", "--show-object-format", check=False) or "sha1"
@@ -490,6 +527,10 @@ class Repo:
         return BranchExists(
             f"branch '{branch}' already exists in {self.root}; delete it or choose another name"
         )
+
+
+def _is_link_or_not_dir(path: Path) -> bool:
+    return path.is_symlink() or not path.is_dir()
 
 
 def shadow_dir(worktree: Path) -> Path:

@@ -771,3 +771,67 @@ def test_commit_patch_from_a_detached_head_with_a_builders_checkout_open(repo: R
         k: v for k, v in before.items() if k != "branches"
     }
     assert git(wt, "rev-parse", "HEAD") == base  # the builder's worktree is untouched too
+
+
+# --- reuse_worktree: the builder's checkout reset for the checks ----------------------
+
+
+def tree_of(top: Path) -> dict[str, tuple[int, bytes]]:
+    """Every path under `top` but .git: its mode and bytes (a link's target)."""
+    found: dict[str, tuple[int, bytes]] = {}
+    for dirpath, dirs, files in os.walk(top):
+        dirs[:] = [d for d in dirs if not (dirpath == str(top) and d == ".git")]
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            if p.is_symlink():
+                data = os.fsencode(os.readlink(p))
+            elif p.is_file():
+                data = p.read_bytes()
+            else:
+                data = b""
+            found[str(p.relative_to(top))] = (st.st_mode, data)
+    return found
+
+
+def test_reuse_worktree_leaves_nothing_of_the_builder(repo: Repo, tmp_path: Path) -> None:
+    base, wt = candidate(repo, "a")
+    (wt / "src/app.py").write_text("def main():\n    return 2\n")
+    patch = worktree_diff(wt, base)
+    # What a builder leaves besides its diff: each must be gone before the checks run.
+    app = wt / "src" / "app.py"
+    kept = app.stat()
+    app.write_text("def main():\n    return 9\n")  # same size, mtime restored
+    os.utime(app, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    (wt / "README.md").write_text("changed after the diff\n")
+    (wt / "debug.log").write_text("ignored, but a check could read it\n")
+    (wt / "sitecustomize.py").write_text("import os; os._exit(0)\n")
+    (wt / "old.txt").chmod(0o755)
+    (wt / "link").symlink_to(tmp_path)
+    (wt / "vendored").mkdir()
+    git(wt / "vendored", "init", "-q")
+    (wt / "vendored" / "f").write_text("x\n")
+    git(wt / "vendored", "add", "f")
+    git(wt / "vendored", "-c", "user.name=b", "-c", "user.email=b@x", "commit", "-q", "-m", "x")
+    git(wt, "config", "core.hooksPath", ".git/hooks")
+    git(wt, "config", "alias.status", "!touch pwned")
+    git(wt, "update-index", "--assume-unchanged", "README.md")
+    check = worktree_dir(repo, "a") / "check-0"
+    repo.reuse_worktree(wt, check, base, patch)
+    fresh = repo.add_worktree(worktree_dir(repo, "b") / "check-0", base)
+    apply_patch(fresh, patch)
+    assert not wt.exists()
+    assert tree_of(check) == tree_of(fresh)
+    assert (check / "src/app.py").read_text() == "def main():\n    return 2\n"
+    assert raw(check, "config", "--list", "--local") == raw(fresh, "config", "--list", "--local")
+    assert git(check, "status", "--porcelain").split() == ["M", "src/app.py"]
+    assert worktree_diff(check, base) == patch
+    assert not (check / "pwned").exists()
+
+
+def test_reuse_worktree_refuses_what_it_cannot_reset(repo: Repo) -> None:
+    base, wt = candidate(repo, "a")
+    (wt / ".git").rename(wt / "gone")
+    (wt / ".git").symlink_to(wt / "gone")
+    with pytest.raises(WorkspaceError, match="not a plain directory"):
+        repo.reuse_worktree(wt, worktree_dir(repo, "a") / "check-0", base, b"")

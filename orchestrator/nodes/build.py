@@ -47,15 +47,20 @@ async def _build_and_check(task: BuildTask, ctx: Context) -> dict[str, object]:
     if not await ctx.attempts.start(task.index):
         return _not_started(ctx, task)
     passed = False
+    # Unless the user keeps the builders' checkouts, the checks run in the builder's own,
+    # reset to base + the candidate's patch: one checkout per candidate, not two.
+    reuse = None if ctx.keep_worktrees else ctx.worktrees / f"build-{task.index}"
     try:
-        result = await _build(task, ctx)
+        result = await _build(task, ctx, keep=reuse is not None)
         candidate = result["candidates"][0]
         if candidate.status != "ok":  # unfinished or empty: nothing to check
             return result
-        checks = await check_candidate(ctx, candidate, task.base_sha)
+        checks = await check_candidate(ctx, candidate, task.base_sha, reuse)
         passed = checks.passed
         return {**result, "checks": [checks]}
     finally:
+        if reuse is not None:
+            await asyncio.to_thread(ctx.repo.remove_worktree, reuse)
         ctx.attempts.finished(passed)
 
 
@@ -88,7 +93,7 @@ def _not_started(ctx: Context, task: BuildTask) -> dict[str, object]:
     return {"candidates": [candidate], "notes": [note]}
 
 
-async def _build(task: BuildTask, ctx: Context) -> dict[str, Any]:
+async def _build(task: BuildTask, ctx: Context, keep: bool = False) -> dict[str, Any]:
     model = ctx.config.model(task.model)
     path = ctx.worktrees / f"build-{task.index}"
 
@@ -173,7 +178,7 @@ async def _build(task: BuildTask, ctx: Context) -> dict[str, Any]:
     except Exception as err:  # worktree or diff failure: record it, never cancel siblings
         error = ctx.redact(_short(err))
     finally:
-        if not ctx.keep_worktrees:
+        if not ctx.keep_worktrees and not keep:
             await asyncio.to_thread(ctx.repo.remove_worktree, path)
     candidate = _candidate(ctx, task, model.family, outcome, error, patch)
     if agent is not None:

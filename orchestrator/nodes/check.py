@@ -1,4 +1,4 @@
-"""check: the spec's check commands, in a fresh worktree holding exactly the candidate's diff."""
+"""check: the spec's check commands, in a checkout holding exactly base + the candidate's diff."""
 
 from __future__ import annotations
 
@@ -7,21 +7,26 @@ from pathlib import Path
 
 from orchestrator.config import LoadedConfig, secret_values
 from orchestrator.context import Context
+from orchestrator.errors import WorkspaceError
 from orchestrator.events import CheckDone, CheckStarted
 from orchestrator.preflight import missing_programs, program_of
 from orchestrator.proc import CommandResult, checks_env, run_shell
 from orchestrator.state import Candidate, CandidateChecks, CheckResult, CheckTask
-from orchestrator.workspace import apply_patch
+from orchestrator.workspace import Repo, apply_patch
 
 TAIL_CHARS = 4000
 __all__ = ["check_candidate", "checks_on", "missing_programs", "program_of"]
 
 
-async def check_candidate(ctx: Context, cand: Candidate, base_sha: str) -> CandidateChecks:
-    """The spec's checks on base + the candidate's patch, in a fresh checkout."""
+async def check_candidate(
+    ctx: Context, cand: Candidate, base_sha: str, reuse: Path | None = None
+) -> CandidateChecks:
+    """The spec's checks on base + the candidate's patch, in a checkout holding exactly that:
+    the builder's own checkout `reuse` reset to it, or else a fresh one."""
     report = CandidateChecks(candidate=cand.index)
     if ctx.spec.checks and cand.patch:
-        report.results = await _run_checks(ctx, CheckTask(candidate=cand, base_sha=base_sha))
+        task = CheckTask(candidate=cand, base_sha=base_sha)
+        report.results = await _run_checks(ctx, task, reuse)
     done = sum(r.passed for r in report.results)
     summary = f"{done}/{len(report.results)} passed" if report.results else "no checks"
     ctx.events.emit(
@@ -51,23 +56,29 @@ async def run_check_as_checks(
     )
 
 
-async def _run_checks(ctx: Context, task: CheckTask) -> list[CheckResult]:
+async def _run_checks(ctx: Context, task: CheckTask, reuse: Path | None) -> list[CheckResult]:
     assert task.candidate.patch is not None
     patch = (ctx.run_dir / task.candidate.patch).read_bytes()
     index = task.candidate.index
-    return await checks_on(ctx, f"check-{index}", task.base_sha, patch, candidate=index)
+    name = f"check-{index}"
+    return await checks_on(ctx, name, task.base_sha, patch, candidate=index, reuse=reuse)
 
 
 async def checks_on(
-    ctx: Context, name: str, sha: str, patch: bytes, candidate: int | None = None
+    ctx: Context,
+    name: str,
+    sha: str,
+    patch: bytes,
+    candidate: int | None = None,
+    reuse: Path | None = None,
 ) -> list[CheckResult]:
-    """The spec's checks in a fresh checkout of `sha` holding `patch`, named `name` under the
-    run's checkouts; the candidates' checks and the re-check on the base branch's tip."""
+    """The spec's checks in a checkout of `sha` holding `patch`, named `name` under the run's
+    checkouts (the builder's checkout `reuse` reset to that, or else a fresh one); the
+    candidates' checks and the re-check on the base branch's tip."""
     path = ctx.worktrees / name
     results: list[CheckResult] = []
     try:
-        await asyncio.to_thread(ctx.repo.add_worktree, path, sha)
-        await asyncio.to_thread(apply_patch, path, patch)
+        await asyncio.to_thread(_checkout, ctx.repo, path, sha, patch, reuse)
         for position, command in enumerate(ctx.spec.checks, 1):
             ctx.events.emit(
                 CheckStarted(
@@ -103,6 +114,18 @@ async def checks_on(
         if not ctx.keep_worktrees:
             await asyncio.to_thread(ctx.repo.remove_worktree, path)
     return results
+
+
+def _checkout(repo: Repo, path: Path, sha: str, patch: bytes, reuse: Path | None) -> None:
+    if reuse is not None:
+        try:
+            repo.reuse_worktree(reuse, path, sha, patch)
+            return
+        except (WorkspaceError, OSError):
+            repo.remove_worktree(reuse)  # what could not be reset is not used
+            repo.remove_worktree(path)
+    repo.add_worktree(path, sha)
+    apply_patch(path, patch)
 
 
 def check_environment(loaded: LoadedConfig, project: Path | None = None) -> dict[str, str]:
