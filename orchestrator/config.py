@@ -167,6 +167,9 @@ class BuilderSettings(_Strict):
     max_turns: int = Field(default=40, ge=1)
     command_timeout_s: float = Field(default=300.0, gt=0)
     output_cap_bytes: int = Field(default=16_000, ge=256)
+    context_share: float = Field(default=0.6, gt=0, le=1)
+    """No request of flow's own builder loop passes this share of its model's context window
+    (`models.<name>.context_window`, else litellm's map): old tool outputs are elided first."""
 
 
 class CheckSettings(_Strict):

@@ -176,6 +176,17 @@ class Ledger:
             ).fetchall()
         return {str(k): float(v) for k, v in found}
 
+    def cache_shares(self, run_id: str | None = None) -> dict[str, tuple[int, int]]:
+        """Per model: (prompt tokens, of them read from the provider's prompt cache)."""
+        where, args = _run_filter(run_id)
+        with self._lock:
+            found = self._db.execute(
+                f"SELECT model, SUM(prompt_tokens), SUM(cached_tokens) FROM calls{where} "
+                "GROUP BY model ORDER BY model",
+                args,
+            ).fetchall()
+        return {str(m): (int(p or 0), int(c or 0)) for m, p, c in found if p}
+
     def cached(self, request_key: str) -> Completion | None:
         """The reply already received for this request, if any."""
         with self._lock:

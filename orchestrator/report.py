@@ -161,6 +161,16 @@ def _matrix(state: RunState) -> list[str]:
     return rows + [""] + ([", ".join(legend), ""] if legend else [])
 
 
+def _cache_lines(cache: dict[str, tuple[int, int]]) -> list[str]:
+    """The share of each model's prompt tokens its provider served from its prompt cache."""
+    items = [
+        f"{md(model)} {cached / prompt:.0%} of {prompt:,} prompt tokens"
+        for model, (prompt, cached) in sorted(cache.items())
+        if prompt
+    ]
+    return [f"- prompt cache by model: {', '.join(items)}"] if items else []
+
+
 def render_markdown(
     state: RunState,
     *,
@@ -173,6 +183,7 @@ def render_markdown(
     dirty_note: str | None = None,
     spend: dict[str, dict[str, float]] | None = None,
     reasoning: dict[int, list[str]] | None = None,
+    cache: dict[str, tuple[int, int]] | None = None,
 ) -> str:
     plan: Plan | None = state.get("plan")
     selection: Selection | None = state.get("selection")
@@ -235,7 +246,7 @@ def render_markdown(
         for dimension, table in spend.items():
             items = ", ".join(f"{md(k)} {usd(v)}" for k, v in sorted(table.items()))
             lines.append(f"- by {dimension}: {items or '(none)'}")
-        lines.append("")
+        lines += [*_cache_lines(cache or {}), ""]
     notes = state.get("notes", [])
     if notes:
         lines += ["## Skipped and why", ""] + [f"- {md(n)}" for n in notes] + [""]

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from orchestrator.agents.prompts import BUILDER_SYSTEM
 from orchestrator.agents.tools import TOOL_SPECS, Submitted, ToolError, Tools
+from orchestrator.agents.window import ContextWindow
 from orchestrator.llm.messages import Message, ToolCall, ToolSpec
 from orchestrator.protocols import ModelDoor
 from orchestrator.redact import Redactor
@@ -55,7 +56,9 @@ class Builder:
         system: str = BUILDER_SYSTEM,
         tool_specs: list[ToolSpec] | None = None,
         stage: str = "build",
+        window: ContextWindow | None = None,
     ):
+        self.window = window
         self.system = system
         self.tool_specs = TOOL_SPECS if tool_specs is None else tool_specs
         self.stage = stage
@@ -88,6 +91,8 @@ class Builder:
     async def step(self) -> None:
         if self.outcome.turns >= self.max_turns:
             raise LimitsExceeded
+        if self.window is not None:
+            await self.window.fit(self.messages, self.tool_specs)
         completion = await self.door.complete(
             self.model,
             self.messages,
@@ -123,6 +128,8 @@ class Builder:
     async def _execute(self, call: ToolCall) -> None:
         try:
             result = await self.tools.dispatch(call)
+            if self.window is not None:
+                result = self.window.tool_result(call, result, self.messages)
         except Submitted:
             self._add(Message.tool(call.id, call.name, "finished"))
             raise

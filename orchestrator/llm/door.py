@@ -38,6 +38,9 @@ ALLOW_ENV = "FLOW_ALLOW_MODEL_REQUESTS"
 CONNECT_RETRIES = 1
 """Retries for a provider that could not be reached: a server that is down or a mistyped
 URL rarely comes back within a backoff, and each retry keeps the run waiting."""
+CACHE_WRITE_FACTOR = 1.25
+"""Anthropic bills a prompt token written to its cache (5-minute breakpoints) at 1.25 times
+its input price."""
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")  # as in config.resolve_api_key
 
@@ -125,14 +128,28 @@ def cost_of(rm: ResolvedModel, usage: Usage) -> float:
     """USD of a reply: litellm's own calculation for a model priced from its map (it knows
     size tiers), else our prices, cached prompt tokens at the cache-read price."""
     cached = min(usage.cached_tokens, usage.prompt_tokens)
+    written = min(usage.cache_write_tokens, usage.prompt_tokens - cached)
     if rm.price_source == "litellm":
         known = wire.litellm_cost(
-            rm.litellm_model, usage.prompt_tokens, cached, usage.completion_tokens
+            rm.litellm_model, usage.prompt_tokens, cached, usage.completion_tokens, written
         )
         if known is not None:
             return known
     inp, out, cache = rm.prices_for(usage.prompt_tokens)
-    return (usage.prompt_tokens - cached) * inp + cached * cache + usage.completion_tokens * out
+    plain = usage.prompt_tokens - cached - written
+    return (
+        plain * inp
+        + cached * cache
+        + written * inp * CACHE_WRITE_FACTOR
+        + usage.completion_tokens * out
+    )
+
+
+def caches_prompts(rm: ResolvedModel) -> bool:
+    """Anthropic's protocol caches a prompt prefix only where the request marks it."""
+    return rm.api == "anthropic" or (
+        rm.api == "litellm" and vendor_of(rm.litellm_model) == "anthropic"
+    )
 
 
 def uses_tokenizer(rm: ResolvedModel) -> bool:
@@ -282,6 +299,8 @@ class Door:
     ) -> float:
         """What one attempt may cost at most: reserved before it is sent."""
         prompt = wire.prompt_bound(rm.litellm_model, uses_tokenizer(rm), messages, tools, rm.quirks)
+        if caches_prompts(rm):  # every prompt token may be a cache write
+            prompt = int(prompt * CACHE_WRITE_FACTOR) + 1
         return rm.worst_cost(prompt, self.output_tokens(rm, stage))
 
     async def _replay(
@@ -424,9 +443,12 @@ class Door:
             sent.value = True
             return self._script(rm).reply(messages, tools, tool_choice)
         quirks = rm.quirks
+        sent_messages = wire.messages_to_wire(messages, quirks)
+        if caches_prompts(rm):
+            sent_messages = wire.cache_breakpoints(sent_messages)
         kwargs: dict[str, object] = {
             "model": rm.litellm_model,
-            "messages": wire.messages_to_wire(messages, quirks),
+            "messages": sent_messages,
             **wire.limit_params(quirks, max_out),
             "timeout": provider.timeout_s,
             "num_retries": 0,  # retries happen here, where the budget and ledger can see them

@@ -64,6 +64,8 @@ class Usage(BaseModel):
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    cache_write_tokens: int = 0
+    """Prompt tokens written to the provider's cache (Anthropic bills them above input)."""
 
 
 class Completion(BaseModel):

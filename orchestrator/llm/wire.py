@@ -72,6 +72,31 @@ def messages_to_wire(
     return out
 
 
+EPHEMERAL = {"type": "ephemeral"}
+
+
+def cache_breakpoints(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Anthropic prompt-cache breakpoints (litellm passes `cache_control` through): on the
+    system prompt (which covers the tools, sent before it), on the last message of the
+    previous request (where its cache entry ends, so this request reads it) and on this
+    request's last message (written for the next). Returns new dicts; the input is kept."""
+    out = [dict(m) for m in messages]
+    marks = [i for i, m in enumerate(out) if m["role"] in ("system", "developer")][:1]
+    replies = [i for i, m in enumerate(out) if m["role"] == "assistant"]
+    if replies and replies[-1] > 0:
+        marks.append(replies[-1] - 1)
+    if out:
+        marks.append(len(out) - 1)
+    for i in dict.fromkeys(marks):
+        m = out[i]
+        content = m.get("content")
+        if isinstance(content, str) and content:
+            m["content"] = [{"type": "text", "text": content, "cache_control": dict(EPHEMERAL)}]
+        elif isinstance(content, list) and content and isinstance(content[-1], dict):
+            m["content"] = [*content[:-1], {**content[-1], "cache_control": dict(EPHEMERAL)}]
+    return out
+
+
 def _fold_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """System prompts prepended to the first user message, for endpoints without the role."""
     texts = [str(m["content"]) for m in messages if m["role"] == "system" and m["content"]]
@@ -218,12 +243,16 @@ def _as_dict(obj: Any) -> dict[str, Any]:
 
 
 def usage_from_wire(usage: Any) -> Usage:
+    """Usage as flow counts it: cached tokens from OpenAI's `prompt_tokens_details` or, where
+    only that is given, Anthropic's `cache_read_input_tokens`."""
     data = _as_dict(usage)
     details = _as_dict(data.get("prompt_tokens_details"))
+    cached = int(details.get("cached_tokens") or data.get("cache_read_input_tokens") or 0)
     return Usage(
         prompt_tokens=int(data.get("prompt_tokens") or 0),
-        cached_tokens=int(details.get("cached_tokens") or 0),
+        cached_tokens=cached,
         completion_tokens=int(data.get("completion_tokens") or 0),
+        cache_write_tokens=int(data.get("cache_creation_input_tokens") or 0),
     )
 
 
@@ -300,14 +329,18 @@ def prompt_bound(
     return min(bound, margin + PER_MESSAGE_TOKENS * len(messages) + REQUEST_OVERHEAD_TOKENS)
 
 
-def litellm_cost(litellm_model: str, prompt: int, cached: int, completion: int) -> float | None:
-    """litellm's own price of a reply (size tiers included), or None if it cannot say."""
+def litellm_cost(
+    litellm_model: str, prompt: int, cached: int, completion: int, written: int = 0
+) -> float | None:
+    """litellm's own price of a reply (size tiers and cache writes included), or None if it
+    cannot say."""
     try:
         inp, out = _load_litellm().cost_per_token(
             model=litellm_model,
             prompt_tokens=prompt,
             completion_tokens=completion,
             cache_read_input_tokens=cached,
+            cache_creation_input_tokens=written,
         )
     except Exception:
         return None

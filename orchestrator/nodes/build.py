@@ -16,7 +16,8 @@ from orchestrator.agents.builder import Builder, BuildOutcome
 from orchestrator.agents.cli import CliBuilder, cli_for
 from orchestrator.agents.prompts import build_request
 from orchestrator.agents.tools import Tools
-from orchestrator.config import AgentSettings
+from orchestrator.agents.window import ContextWindow
+from orchestrator.config import AgentSettings, LoadedConfig
 from orchestrator.context import Context
 from orchestrator.errors import AuthenticationFailed, BudgetExceeded
 from orchestrator.events import BuilderUpdate
@@ -138,6 +139,7 @@ async def _build(task: BuildTask, ctx: Context, keep: bool = False) -> dict[str,
                 progress=lambda o, action: update(o, "running", action),
                 scope=f"build-{task.index}",
                 fallbacks=ctx.config.fallback_chains().get(("build", task.model)),
+                window=context_window(ctx.config, task.model, "build"),
             )
         try:
             request = build_request(ctx.spec.body, task.plan, ctx.spec.checks)
@@ -293,4 +295,22 @@ def _candidate(
     files, added, removed = diff_stats(patch)
     return record.model_copy(
         update={"status": "ok", "patch": name, "files": files, "added": added, "removed": removed}
+    )
+
+
+def context_window(loaded: LoadedConfig, model: str, stage: str) -> ContextWindow | None:
+    """The context policy of flow's own loop for `model` and its fallbacks (the smallest
+    window of the chain); None when no window is known."""
+    chain = [model, *loaded.fallback_chains().get((stage, model), [])]
+    resolved = [loaded.models[m] for m in chain if m in loaded.models]
+    windows = [rm.context_window for rm in resolved if rm.context_window]
+    if not windows or not resolved:
+        return None
+    rm = resolved[0]
+    return ContextWindow.for_model(
+        rm.litellm_model,
+        min(windows),
+        loaded.config.builder.context_share,
+        tokenizer=not rm.scripted,
+        quirks=rm.quirks,
     )

@@ -17,6 +17,7 @@ from orchestrator.errors import AuthenticationFailed
 from orchestrator.events import Notice, TesterUpdate
 from orchestrator.evidence import heldout as evidence
 from orchestrator.fmt import clip
+from orchestrator.nodes.build import context_window
 from orchestrator.state import CandidateHeldOut, HeldOut, HeldOutTask, TestTask
 
 
@@ -70,6 +71,7 @@ async def _test(task: TestTask, ctx: Context) -> dict[str, object]:
             tool_specs=TESTER_TOOL_SPECS,
             stage="test",
             progress=lambda o, action: update(o, action, "running"),
+            window=context_window(ctx.config, task.model, "test"),
         )
         try:
             outcome = await tester.run(tester_request(ctx.spec.body, task.plan))

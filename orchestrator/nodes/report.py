@@ -45,6 +45,7 @@ async def report(state: RunState, runtime: Runtime[Context]) -> dict[str, object
         dirty_note=ctx.dirty_note,
         spend=spend,
         reasoning={c.index: _reasoning(ctx, c.index) for c in state.get("candidates", [])},
+        cache=ctx.ledger.cache_shares(ctx.run_id),
     )
     versus = compare(ctx.run_dir, ctx.ledger.rows(ctx.run_id))
     if versus is not None:
@@ -86,6 +87,10 @@ async def report(state: RunState, runtime: Runtime[Context]) -> dict[str, object
         "heldout": [h.model_dump() for h in state.get("heldout", [])],
         "heldout_results": [h.model_dump() for h in state.get("heldout_results", [])],
         "spend": spend,
+        "prompt_cache": {
+            m: {"prompt_tokens": p, "cached_tokens": c}
+            for m, (p, c) in ctx.ledger.cache_shares(ctx.run_id).items()
+        },
     }
     (ctx.run_dir / "run.json").write_text(
         ctx.redact(json.dumps(summary, indent=2)), encoding="utf-8"

@@ -133,9 +133,11 @@ def messages_handler(scripts: dict[str, ScriptedModel], *, always_think: bool = 
             "stop_reason": "tool_use" if message.tool_calls else "end_turn",
             "stop_sequence": None,
             "usage": {
-                "input_tokens": usage.prompt_tokens - usage.cached_tokens,
+                "input_tokens": usage.prompt_tokens
+                - usage.cached_tokens
+                - usage.cache_write_tokens,
                 "cache_read_input_tokens": usage.cached_tokens,
-                "cache_creation_input_tokens": 0,
+                "cache_creation_input_tokens": usage.cache_write_tokens,
                 "output_tokens": usage.completion_tokens,
             },
         }

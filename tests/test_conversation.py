@@ -1,0 +1,250 @@
+"""flow's own builder loop stays inside its share of the context window and its cache.
+
+Real Builder, real Tools in a real directory, the real door through litellm to the test
+server on 127.0.0.1; every assertion is on what the server received or what the ledger kept.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.agents.builder import Builder
+from orchestrator.agents.tools import TOOL_SPECS, Tools
+from orchestrator.config import LoadedConfig, parse_config
+from orchestrator.ledger import Ledger
+from orchestrator.llm import wire
+from orchestrator.llm.door import Door
+from orchestrator.llm.messages import Message, ToolSpec, Usage
+from orchestrator.llm.scripted import ScriptedModel
+from orchestrator.nodes.build import context_window
+from orchestrator.redact import Redactor
+from orchestrator.report import render_markdown
+from orchestrator.testing import ChatServer, scripted_handler
+from orchestrator.testing.anthropic import messages_handler
+
+KEY = "sk-conversation-test-0123456789"
+WINDOW, SHARE = 20_000, 0.5
+LIMIT = int(WINDOW * SHARE)
+Step = Callable[[int], dict[str, Any]]
+
+
+def call(name: str, **arguments: Any) -> dict[str, Any]:
+    return {"tool_calls": [{"name": name, "arguments": arguments}]}
+
+
+def scripted(steps: list[dict[str, Any]], usage: Usage | None = None) -> ScriptedModel:
+    def brain(messages: list[Message], tools: list[ToolSpec], choice: str | None) -> object:
+        turn = sum(1 for m in messages if m.role == "assistant")
+        reply = steps[turn] if turn < len(steps) else call("finish", summary="done")
+        return reply, usage or Usage(prompt_tokens=100, completion_tokens=10)
+
+    return ScriptedModel("b", brain)
+
+
+def config(base_url: str, api: str = "openai", window: int | None = WINDOW) -> LoadedConfig:
+    model: dict[str, Any] = {
+        "provider": "local",
+        "id": "m",
+        "max_output_tokens": 1000,
+        "price": {"input": 3.0, "output": 15.0, "cached_input": 0.3},
+    }
+    if window:
+        model["context_window"] = window
+    return parse_config(
+        {
+            "providers": {
+                "local": {"api": api, "base_url": base_url, "api_key": "CONV_KEY", "retries": 0}
+            },
+            "models": {"b": model},
+            "stages": {"planner": {"model": "b"}, "builders": [{"model": "b"}]},
+            "builder": {"context_share": SHARE},
+        }
+    )
+
+
+@pytest.fixture(autouse=True)
+def key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONV_KEY", KEY)
+
+
+def repo(tmp_path: Path, files: int = 30) -> Path:
+    root = tmp_path / "repo"
+    for i in range(files):
+        body = "".join(f"def f{i}_{n}(x):\n    return x * {n} + {i}\n\n" for n in range(60))
+        (root / "src").mkdir(parents=True, exist_ok=True)
+        (root / "src" / f"m{i}.py").write_text(f"VALUE = {i}\n\n" + body)
+    (root / "big.txt").write_text("".join(f"line {n} of a long log\n" for n in range(8000)))
+    return root
+
+
+async def build(
+    loaded: LoadedConfig, root: Path, tmp_path: Path, ledger: Ledger | None = None
+) -> Builder:
+    builder = Builder(
+        Door(loaded, run_id="conv", ledger=ledger),
+        "b",
+        Tools(root, command_timeout_s=30, output_cap=16_000),
+        max_turns=60,
+        transcript=tmp_path / "transcript.jsonl",
+        redact=Redactor([]),
+        window=context_window(loaded, "b", "build"),
+    )
+    outcome = await builder.run("Read everything, then finish.")
+    assert outcome.error is None, outcome.error
+    return builder
+
+
+def received(request: dict[str, Any]) -> tuple[list[Message], list[ToolSpec]]:
+    messages = [wire.message_from_wire(m) for m in request["messages"]]
+    return messages, wire.tools_from_wire(request.get("tools"))
+
+
+def tool_texts(request: dict[str, Any]) -> list[str]:
+    return [str(m.get("content")) for m in request["messages"] if m.get("role") == "tool"]
+
+
+def tokens(request: dict[str, Any]) -> int:
+    """The request's tokens as the door counts a prompt (litellm's tokenizer, margin in)."""
+    messages, tools = received(request)
+    return wire.prompt_bound("openai/m", True, messages, tools)
+
+
+LONG = [call("read_file", path=f"src/m{i}.py") for i in range(30)] + [
+    call("read_file", path="big.txt"),
+    call("read_file", path="src/m0.py"),  # elided long ago: it must come back whole
+]
+
+
+async def test_a_long_conversation_never_passes_its_share_of_the_window(tmp_path: Path) -> None:
+    root = repo(tmp_path)
+    with ChatServer(scripted_handler({"m": scripted(LONG)})) as srv:
+        builder = await build(config(srv.base_url), root, tmp_path)
+    sent = [tokens(r) for r in srv.requests]
+    assert len(sent) == len(LONG) + 1
+    assert max(sent) <= LIMIT, sent
+    # Unbounded, the same conversation would have passed the limit several times over.
+    whole = [Message.model_validate_json(line) for line in builder.transcript.open()]
+    assert wire.prompt_bound("openai/m", True, whole, TOOL_SPECS) > 3 * LIMIT
+    # Elided in blocks, rarely: most requests extend the one before unchanged.
+    extends = sum(
+        1
+        for a, b in zip(srv.requests, srv.requests[1:], strict=False)
+        if b["messages"][: len(a["messages"])] == a["messages"]
+    )
+    assert builder.window is not None and 1 <= builder.window.compactions <= 6
+    assert extends >= len(srv.requests) - 1 - builder.window.compactions
+    last = srv.requests[-1]
+    stubs = [t for t in tool_texts(last) if t.startswith("[elided at turn")]
+    assert len(stubs) >= 10 and 'read_file({"path": "src/m0.py"})' in stubs[0]
+    # The big file is cut to fit, with how to read on; the elided file comes back whole.
+    big = tool_texts(last)[-2]
+    assert "bytes cut to fit the context window; read_file(path, offset=" in big
+    assert tool_texts(last)[-1] == (root / "src" / "m0.py").read_text()
+
+
+async def test_an_unchanged_reread_gets_a_stub_and_a_changed_file_comes_again(
+    tmp_path: Path,
+) -> None:
+    root = repo(tmp_path, files=2)
+    steps = [
+        call("read_file", path="src/m0.py"),
+        call("read_file", path="./src/m0.py"),
+        call("edit_file", path="src/m0.py", old="VALUE = 0", new="VALUE = 42"),
+        call("read_file", path="src/m0.py"),
+    ]
+    with ChatServer(scripted_handler({"m": scripted(steps)})) as srv:
+        await build(config(srv.base_url, window=1_000_000), root, tmp_path)
+    results = tool_texts(srv.requests[-1])
+    first, again, _, changed = results
+    assert first.startswith("VALUE = 0\n")
+    assert again.startswith("[unchanged since turn 1: src/m0.py")
+    assert changed.startswith("VALUE = 42\n") and len(changed) > 1000
+
+
+async def test_cache_breakpoints_reach_an_anthropic_server_and_the_ledger_keeps_cached_tokens(
+    tmp_path: Path,
+) -> None:
+    root = repo(tmp_path, files=3)
+    steps = [call("read_file", path=f"src/m{i}.py") for i in range(3)]
+    usage = Usage(
+        prompt_tokens=1000, cached_tokens=700, cache_write_tokens=200, completion_tokens=10
+    )
+    handler = messages_handler({"m": scripted(steps, usage)})
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        with ChatServer(handler, protocol="anthropic") as srv:
+            await build(config(srv.base_url, api="anthropic"), root, tmp_path, ledger)
+        rows = [r for r in ledger.rows() if r.outcome == "ok"]
+        shares = ledger.cache_shares()
+    assert len(rows) == 4 and all(r.cached_tokens == 700 for r in rows)
+    # 100 plain, 700 read, 200 written at 1.25 times the input price, 10 out.
+    expected = (100 * 3.0 + 700 * 0.3 + 200 * 3.75 + 10 * 15.0) / 1e6
+    assert all(r.cost_usd == pytest.approx(expected) for r in rows)
+    assert shares == {"b": (4000, 2800)}
+    text = render_markdown(
+        {"run_id": "conv"},
+        title="t",
+        spec_path="s.md",
+        branch="b",
+        base="0" * 40,
+        cost=0.0,
+        outcome="nothing",
+        spend={"model": {"b": 0.1}},
+        cache=shares,
+    )
+    assert "- prompt cache by model: b 70% of 4,000 prompt tokens" in text
+
+    def marked(block: Any) -> bool:
+        return isinstance(block, dict) and block.get("cache_control") == {"type": "ephemeral"}
+
+    last = srv.requests[-1]
+    assert marked(last["system"][-1])
+    blocks = [(i, b) for i, m in enumerate(last["messages"]) for b in _blocks(m)]
+    marks = [i for i, b in blocks if marked(b)]
+    # The previous request's last message (read from the cache) and this one's (written).
+    n = len(last["messages"])
+    assert marks == [n - 3, n - 1]
+    assert sum(json.dumps(r).count("cache_control") for r in srv.requests[-1:]) == 3
+    # The first request has one message after the system prompt: it is marked once.
+    assert json.dumps(srv.requests[0]).count("cache_control") == 2
+
+
+def _blocks(message: dict[str, Any]) -> list[Any]:
+    content = message.get("content")
+    if not isinstance(content, list):
+        return []
+    out: list[Any] = []
+    for block in content:
+        out.append(block)
+        inner = block.get("content") if isinstance(block, dict) else None
+        if isinstance(inner, list):
+            out += inner
+    return out
+
+
+async def test_no_cache_control_goes_to_an_openai_protocol_server(tmp_path: Path) -> None:
+    root = repo(tmp_path, files=2)
+    steps = [call("read_file", path="src/m0.py")]
+    with ChatServer(scripted_handler({"m": scripted(steps)})) as srv:
+        await build(config(srv.base_url), root, tmp_path)
+    assert srv.requests and not any("cache_control" in json.dumps(r) for r in srv.requests)
+
+
+async def test_a_replayed_compacted_conversation_asks_nothing_again(tmp_path: Path) -> None:
+    """Compaction rewrites tool output only, which request keys leave out: a second run of
+    the same conversation under the same run id is served wholly from the ledger."""
+    root = repo(tmp_path)
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        with ChatServer(scripted_handler({"m": scripted(LONG)})) as srv:
+            first = await build(config(srv.base_url), root, tmp_path, ledger)
+            asked = len(srv.requests)
+            (root / "src" / "m3.py").write_text("changed since the first run\n")
+            again = await build(config(srv.base_url), root, tmp_path, ledger)
+        outcomes = [r.outcome for r in ledger.rows()]
+    assert first.window is not None and first.window.compactions >= 1
+    assert len(srv.requests) == asked
+    assert outcomes.count("replayed") == asked and again.outcome.turns == first.outcome.turns
