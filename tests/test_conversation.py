@@ -16,9 +16,10 @@ import pytest
 from orchestrator.agents.builder import Builder
 from orchestrator.agents.tools import TOOL_SPECS, Tools
 from orchestrator.config import LoadedConfig, parse_config
+from orchestrator.errors import ConfigError
 from orchestrator.ledger import Ledger
 from orchestrator.llm import wire
-from orchestrator.llm.door import Door
+from orchestrator.llm.door import Door, cost_of
 from orchestrator.llm.messages import Message, ToolSpec, Usage
 from orchestrator.llm.scripted import ScriptedModel
 from orchestrator.nodes.build import context_window
@@ -248,3 +249,29 @@ async def test_a_replayed_compacted_conversation_asks_nothing_again(tmp_path: Pa
     assert first.window is not None and first.window.compactions >= 1
     assert len(srv.requests) == asked
     assert outcomes.count("replayed") == asked and again.outcome.turns == first.outcome.turns
+
+
+def test_an_anthropic_call_reserves_for_a_prompt_written_whole_to_the_cache() -> None:
+    """A cache write costs 1.25 times input: the reservation must hold a reply whose whole
+    prompt was written, or a hard cap could be passed by a quarter of the prompt's price."""
+    loaded = config("http://127.0.0.1:9/v1", api="anthropic")
+    door = Door(loaded, run_id="conv")
+    rm = loaded.models["b"]
+    messages = [Message.system("You build."), Message.user("x" * 5000)]
+    worst = door.worst_case(rm, messages, TOOL_SPECS, "build")
+    bound = wire.prompt_bound(rm.litellm_model, False, messages, TOOL_SPECS)
+    written = Usage(prompt_tokens=bound, cache_write_tokens=bound, completion_tokens=1000)
+    assert cost_of(rm, written) <= worst
+    plain = Door(config("http://127.0.0.1:9/v1"), run_id="conv")
+    assert worst > plain.worst_case(plain.loaded.models["b"], messages, TOOL_SPECS, "build")
+
+
+@pytest.mark.parametrize("share", [0, 1.5, "most"])
+def test_a_context_share_outside_0_to_1_is_refused(share: object) -> None:
+    raw = {
+        "models": {"b": {"id": "scripted/b", "script": "s.yaml"}},
+        "stages": {"planner": {"model": "b"}, "builders": [{"model": "b"}]},
+        "builder": {"context_share": share},
+    }
+    with pytest.raises(ConfigError, match="context_share"):
+        parse_config(raw)
