@@ -152,7 +152,8 @@ def test_bad_checks_env_is_refused_naming_file_and_field(
     )
     assert out.returncode == 2, out.stdout + out.stderr
     assert "Traceback" not in out.stderr
-    assert re.search(re.escape(str(demo.config)) + ": " + says, out.stderr), out.stderr
+    # The file, the line the entry is on, the field.
+    assert re.search(re.escape(str(demo.config)) + r":\d+: " + says, out.stderr), out.stderr
     assert len(out.stderr.strip().splitlines()) <= 2, out.stderr
 
 
