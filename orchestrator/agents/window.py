@@ -112,7 +112,9 @@ class ContextWindow:
         except ValueError:
             return text
         offset = args.get("offset") or 0
-        key = (posixpath.normpath(str(args.get("path", ""))), int(offset))
+        if not isinstance(offset, int):  # read_file refused it already; nothing to remember
+            return text
+        key = (posixpath.normpath(str(args.get("path", ""))), offset)
         digest = hashlib.sha256(text.encode()).hexdigest()
         turn = _turn(messages)
         seen = self.reads.get(key)
