@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 from terminal import run_on_pty
+from test_cli_resume import checkpointed_candidates
 
 from orchestrator import events
 from orchestrator.demo import DemoPaths, prepare_demo
@@ -120,6 +121,12 @@ def test_after_resume_every_builder_is_shown(tmp_path: Path) -> None:
         empty = {e["index"] for e in seen if e["kind"] == "builder" and e["status"] == "empty"}
         if 1 in checked and 2 in empty:
             break
+    # ... and their build nodes' results are saved (the events come just before the save).
+    db = demo.repo / ".flow" / "checkpoints.sqlite"
+    deadline = time.monotonic() + 60
+    while {c.index for c in checkpointed_candidates(db)} < {1, 2}:
+        assert time.monotonic() < deadline, "builders #1 and #2 were never checkpointed"
+        time.sleep(0.05)  # polling the checkpoint for the condition, with a deadline
     deadline = time.monotonic() + 60
     while not any(
         (p / "cmdline").read_bytes().replace(b"\0", b" ").strip() == f"sleep {nap}".encode()
