@@ -116,7 +116,7 @@ def confined_argv(
         checkout,
         sandbox.borrowed_objects(checkout),
         home=home,
-        readable=(Path(bridge.__file__).parent,)
+        readable=(Path(bridge.__file__).parent, Path(sys.base_prefix).resolve())
         + ((proxy.socket_path.parent,) if proxy is not None else ()),
         network=proxy is None,
         mounts=tuple((user_home / rel, home / rel) for rel in login),
@@ -124,8 +124,16 @@ def confined_argv(
     prefix += ["--setenv", "TMPDIR", str(home / "tmp")]
     if proxy is None:
         return [*prefix, *launch.argv]
-    relay = [sys.executable, "-I", bridge.__file__, str(proxy.socket_path), str(proxy.port), "--"]
+    relay = [_interpreter(), "-I", bridge.__file__, str(proxy.socket_path), str(proxy.port), "--"]
     return [*prefix, *relay, *launch.argv]
+
+
+def _interpreter() -> str:
+    """The Python that runs the bridge (standard library only): the base interpreter, not the
+    virtualenv's link to it, since a virtualenv under /tmp or a hidden directory is not in the
+    sandbox's view; its prefix is shown read-only."""
+    base = Path(sys.base_prefix) / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    return str(base) if base.is_file() else os.path.realpath(sys.executable)
 
 
 def _login_files(cli: AgentCli | None, home: Path) -> tuple[Path, ...]:
