@@ -152,7 +152,6 @@ class CliBuilder:
             return self.cli.review(task, proxy, self.model_id, checkout, home, schema)
 
         result = await self._session(make, checkout)
-        self.outcome.cost_usd = sum(c.cost_usd for c in self.log.calls)
         if self.log.refused:
             raise BudgetExceeded(f"{self.log.refused}; {self.cli.name} was ended")
         error = self._verdict(result.exit_code, result.timed_out, self.events)

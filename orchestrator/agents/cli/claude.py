@@ -20,6 +20,7 @@ READ_ONLY_TOOLS = "Read,Grep,Glob"
 NOT_FOR_BUILDERS = (
     "WebFetch,WebSearch,EnterWorktree,ExitWorktree,CronCreate,CronDelete,CronList,ScheduleWakeup"
 )
+BUILD_MODE = ("--permission-mode", "bypassPermissions", "--disallowedTools", NOT_FOR_BUILDERS)
 NO_MCP = json.dumps({"mcpServers": {}})
 
 # The private HOME's own settings: nothing but what the flags already say, and no
@@ -28,12 +29,14 @@ SETTINGS = {"includeCoAuthoredBy": False, "cleanupPeriodDays": 1}
 
 
 _QUIET = {
+    # No telemetry, error reports, updates or IDE installs, on a proxy or on a login.
     "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
     "DISABLE_TELEMETRY": "1",
     "DISABLE_ERROR_REPORTING": "1",
     "DISABLE_AUTOUPDATER": "1",
     "DISABLE_BUG_COMMAND": "1",
     "CLAUDE_CODE_IDE_SKIP_AUTO_INSTALL": "1",
+    # Bypass mode as root is refused otherwise; flow runs it in its sandbox.
     "IS_SANDBOX": "1",
 }
 
@@ -66,16 +69,9 @@ class Claude:
                 "CLAUDE_CODE_MAX_RETRIES": "0",
                 # A call may wait for a provider slot behind the door; flow's limit governs.
                 "API_TIMEOUT_MS": "3600000",
-                "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
                 "DISABLE_NON_ESSENTIAL_MODEL_CALLS": "1",
-                "DISABLE_TELEMETRY": "1",
-                "DISABLE_ERROR_REPORTING": "1",
-                "DISABLE_AUTOUPDATER": "1",
-                "DISABLE_BUG_COMMAND": "1",
                 "DISABLE_COST_WARNINGS": "1",
-                "CLAUDE_CODE_IDE_SKIP_AUTO_INSTALL": "1",
-                # Bypass mode as root is refused otherwise; flow runs it in its sandbox.
-                "IS_SANDBOX": "1",
+                **_QUIET,
             }
         )
         return env
@@ -105,16 +101,14 @@ class Claude:
         return {".claude/settings.json": json.dumps(SETTINGS, indent=2)}
 
     def launch(self, task: str, proxy: Proxy, model_id: str, checkout: Path, home: Path) -> Launch:
-        mode = ["--permission-mode", "bypassPermissions", "--disallowedTools", NOT_FOR_BUILDERS]
-        argv = self._argv(task, model_id, *mode)
+        argv = self._argv(task, model_id, *BUILD_MODE)
         return Launch(argv=argv, env=self.env(proxy, model_id, home), files=self._files())
 
     def login_launch(self, task: str, model_id: str, checkout: Path, home: Path) -> Launch | None:
         # The user's own subscription: no base URL and no key, so Claude Code uses its login.
         env = base_env(home)
-        env.update({k: v for k, v in _QUIET.items()})
-        mode = ["--permission-mode", "bypassPermissions", "--disallowedTools", NOT_FOR_BUILDERS]
-        return Launch(argv=self._argv(task, model_id, *mode), env=env)
+        env.update(_QUIET)
+        return Launch(argv=self._argv(task, model_id, *BUILD_MODE), env=env)
 
     def review(
         self,
