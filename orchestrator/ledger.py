@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel
 
@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS calls (
     provider TEXT NOT NULL DEFAULT '',
     prompt_tokens INTEGER NOT NULL DEFAULT 0,
     cached_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_write_tokens INTEGER NOT NULL DEFAULT 0,
     completion_tokens INTEGER NOT NULL DEFAULT 0,
     cost_usd REAL NOT NULL DEFAULT 0,
     outcome TEXT NOT NULL,
@@ -47,8 +48,16 @@ CREATE TABLE IF NOT EXISTS responses (
 
 _COLUMNS = (
     "id, ts, run_id, spec, stage, model, provider, prompt_tokens, cached_tokens, "
-    "completion_tokens, cost_usd, outcome, error, request_key"
+    "cache_write_tokens, completion_tokens, cost_usd, outcome, error, request_key"
 )
+
+
+class CacheShare(NamedTuple):
+    """One model's prompt tokens, and how many of them its provider's prompt cache read or wrote."""
+
+    prompt: int
+    read: int
+    written: int
 
 
 class CallRow(BaseModel):
@@ -61,6 +70,7 @@ class CallRow(BaseModel):
     provider: str
     prompt_tokens: int
     cached_tokens: int
+    cache_write_tokens: int
     completion_tokens: int
     cost_usd: float
     outcome: str
@@ -86,6 +96,15 @@ class Ledger:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._db = open_db(self.path, _SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """A ledger written by an older flow gains the columns added since, with zeros."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(calls)")}
+        if "cache_write_tokens" not in have:
+            self._db.execute(
+                "ALTER TABLE calls ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0"
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -128,6 +147,7 @@ class Ledger:
             provider or "",
             u.prompt_tokens,
             u.cached_tokens,
+            u.cache_write_tokens,
             u.completion_tokens,
             cost_usd,
             outcome,
@@ -137,8 +157,8 @@ class Ledger:
         with self._lock, self._transaction():
             cur = self._db.execute(
                 "INSERT INTO calls (ts, run_id, spec, stage, model, provider, prompt_tokens, "
-                "cached_tokens, completion_tokens, cost_usd, outcome, error, request_key) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "cached_tokens, cache_write_tokens, completion_tokens, cost_usd, outcome, "
+                "error, request_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 values,
             )
             if response is not None and request_key is not None:
@@ -176,16 +196,18 @@ class Ledger:
             ).fetchall()
         return {str(k): float(v) for k, v in found}
 
-    def cache_shares(self, run_id: str | None = None) -> dict[str, tuple[int, int]]:
-        """Per model: (prompt tokens, of them read from the provider's prompt cache)."""
+    def cache_shares(self, run_id: str | None = None) -> dict[str, CacheShare]:
+        """Per model: its prompt tokens, and of them those read from / written to its cache."""
         where, args = _run_filter(run_id)
         with self._lock:
             found = self._db.execute(
-                f"SELECT model, SUM(prompt_tokens), SUM(cached_tokens) FROM calls{where} "
-                "GROUP BY model ORDER BY model",
+                "SELECT model, SUM(prompt_tokens), SUM(cached_tokens), SUM(cache_write_tokens) "
+                f"FROM calls{where} GROUP BY model ORDER BY model",
                 args,
             ).fetchall()
-        return {str(m): (int(p or 0), int(c or 0)) for m, p, c in found if p}
+        return {
+            str(m): CacheShare(int(p or 0), int(c or 0), int(w or 0)) for m, p, c, w in found if p
+        }
 
     def cached(self, request_key: str) -> Completion | None:
         """The reply already received for this request, if any."""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from statistics import mean
 
 from orchestrator.fmt import duration, md, score, tokens, usd
-from orchestrator.ledger import Ledger
+from orchestrator.ledger import CacheShare, Ledger
 from orchestrator.report_html import render_batch_html
 from orchestrator.state import (
     Candidate,
@@ -161,12 +162,13 @@ def _matrix(state: RunState) -> list[str]:
     return rows + [""] + ([", ".join(legend), ""] if legend else [])
 
 
-def _cache_lines(cache: dict[str, tuple[int, int]]) -> list[str]:
-    """The share of each model's prompt tokens its provider served from its prompt cache."""
+def _cache_lines(cache: Mapping[str, CacheShare]) -> list[str]:
+    """The share of each model's prompt tokens its provider read from its prompt cache."""
     items = [
-        f"{md(model)} {cached / prompt:.0%} of {prompt:,} prompt tokens"
-        for model, (prompt, cached) in sorted(cache.items())
-        if prompt
+        f"{md(model)} {share.read / share.prompt:.0%} read of {share.prompt:,} prompt tokens"
+        + (f" ({share.written:,} written)" if share.written else "")
+        for model, share in sorted(cache.items())
+        if share.prompt
     ]
     return [f"- prompt cache by model: {', '.join(items)}"] if items else []
 
@@ -183,7 +185,7 @@ def render_markdown(
     dirty_note: str | None = None,
     spend: dict[str, dict[str, float]] | None = None,
     reasoning: dict[int, list[str]] | None = None,
-    cache: dict[str, tuple[int, int]] | None = None,
+    cache: Mapping[str, CacheShare] | None = None,
 ) -> str:
     plan: Plan | None = state.get("plan")
     selection: Selection | None = state.get("selection")

@@ -7,6 +7,7 @@ user text goes through `html.escape` (diffs through Pygments, which escapes too)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from html import escape
 from statistics import mean
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ from orchestrator.store import BatchItem, BatchRecord, RunRecord
 
 if TYPE_CHECKING:
     from orchestrator.forecast_view import Versus
+    from orchestrator.ledger import CacheShare
 
 DIFF_CHARS = 200_000
 """A diff longer than this is cut in the page; the patch file beside it is whole."""
@@ -96,6 +98,23 @@ def _bars(spend: dict[str, dict[str, float]]) -> list[str]:
             ]
         out.append("</div>")
     return [*out, "</section>"]
+
+
+def _cache(cache: Mapping[str, CacheShare]) -> list[str]:
+    """Each model's prompt tokens read from its provider's prompt cache, as a share bar."""
+    shares = {m: c for m, c in cache.items() if c.prompt}
+    if not shares:
+        return []
+    out = ['<section id="cache"><h3>prompt cache by model</h3><div class="bars">']
+    for model, share in sorted(shares.items()):
+        read = share.read / share.prompt
+        written = f", {share.written:,} written" if share.written else ""
+        out += [
+            f'<span class="mono">{_e(model)}</span>',
+            f'<div><div class="bar" style="width:{round(100 * read, 1)}%"></div></div>',
+            f"<span>{read:.0%} read of {share.prompt:,} prompt tokens{_e(written)}</span>",
+        ]
+    return [*out, "</div></section>"]
 
 
 def _versus(rows: list[Versus]) -> list[str]:
@@ -296,6 +315,7 @@ def render_run_html(
     spend: dict[str, dict[str, float]],
     diffs: dict[int, str],
     versus: list[Versus] | None = None,
+    cache: Mapping[str, CacheShare] | None = None,
 ) -> str:
     """The run's page; `diffs` maps a candidate's index to its patch text."""
     selection = state.get("selection")
@@ -313,7 +333,7 @@ def render_run_html(
     ]
     if selection and selection.explanation:
         body += ["<ul>", *(f"<li>{_e(x)}</li>" for x in selection.explanation), "</ul>"]
-    body += _bars(spend)
+    body += _bars(spend) + _cache(cache or {})
     checks = {c.candidate: c.results for c in state.get("checks", [])}
     reviews = state.get("reviews", [])
     body += ['<section id="candidates"><h2>Candidates</h2>']

@@ -7,6 +7,7 @@ server on 127.0.0.1; every assertion is on what the server received or what the 
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from orchestrator.llm.scripted import ScriptedModel
 from orchestrator.nodes.build import context_window
 from orchestrator.redact import Redactor
 from orchestrator.report import render_markdown
+from orchestrator.report_html import render_run_html
 from orchestrator.testing import ChatServer, scripted_handler
 from orchestrator.testing.anthropic import messages_handler
 
@@ -181,11 +183,12 @@ async def test_cache_breakpoints_reach_an_anthropic_server_and_the_ledger_keeps_
             await build(config(srv.base_url, api="anthropic"), root, tmp_path, ledger)
         rows = [r for r in ledger.rows() if r.outcome == "ok"]
         shares = ledger.cache_shares()
-    assert len(rows) == 4 and all(r.cached_tokens == 700 for r in rows)
+    assert len(rows) == 4
+    assert all((r.cached_tokens, r.cache_write_tokens) == (700, 200) for r in rows)
     # 100 plain, 700 read, 200 written at 1.25 times the input price, 10 out.
     expected = (100 * 3.0 + 700 * 0.3 + 200 * 3.75 + 10 * 15.0) / 1e6
     assert all(r.cost_usd == pytest.approx(expected) for r in rows)
-    assert shares == {"b": (4000, 2800)}
+    assert shares == {"b": (4000, 2800, 800)}
     text = render_markdown(
         {"run_id": "conv"},
         title="t",
@@ -197,7 +200,22 @@ async def test_cache_breakpoints_reach_an_anthropic_server_and_the_ledger_keeps_
         spend={"model": {"b": 0.1}},
         cache=shares,
     )
-    assert "- prompt cache by model: b 70% of 4,000 prompt tokens" in text
+    assert "- prompt cache by model: b 70% read of 4,000 prompt tokens (800 written)" in text
+    page = render_run_html(
+        {"run_id": "conv"},
+        title="t",
+        spec_path="s.md",
+        branch="b",
+        base="0" * 40,
+        cost=0.0,
+        outcome="nothing",
+        spend={"model": {"b": 0.1}},
+        diffs={},
+        cache=shares,
+    )
+    section = page[page.index('<section id="cache">') :]
+    assert 'style="width:70.0%"' in section
+    assert "70% read of 4,000 prompt tokens, 800 written" in section
 
     def marked(block: Any) -> bool:
         return isinstance(block, dict) and block.get("cache_control") == {"type": "ephemeral"}
@@ -275,3 +293,36 @@ def test_a_context_share_outside_0_to_1_is_refused(share: object) -> None:
     }
     with pytest.raises(ConfigError, match="context_share"):
         parse_config(raw)
+
+
+def test_a_ledger_written_before_cache_writes_were_kept_opens_and_counts_them(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ledger.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE calls (id INTEGER PRIMARY KEY, ts REAL NOT NULL, run_id TEXT NOT NULL, "
+        "spec TEXT NOT NULL DEFAULT '', stage TEXT NOT NULL, model TEXT NOT NULL, "
+        "provider TEXT NOT NULL DEFAULT '', prompt_tokens INTEGER NOT NULL DEFAULT 0, "
+        "cached_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0, "
+        "cost_usd REAL NOT NULL DEFAULT 0, outcome TEXT NOT NULL, error TEXT, request_key TEXT);"
+        "INSERT INTO calls (ts, run_id, stage, model, prompt_tokens, cached_tokens, cost_usd, "
+        "outcome) VALUES (1.0, 'old', 'build', 'm', 100, 40, 0.5, 'ok');"
+    )
+    old.commit()
+    old.close()
+    with Ledger(path) as ledger:
+        ledger.record(
+            run_id="new",
+            stage="build",
+            model="m",
+            outcome="ok",
+            usage=Usage(prompt_tokens=100, cached_tokens=10, cache_write_tokens=50),
+            cost_usd=0.25,
+        )
+        assert [(r.run_id, r.cache_write_tokens) for r in ledger.rows()] == [
+            ("old", 0),
+            ("new", 50),
+        ]
+        assert ledger.cache_shares() == {"m": (200, 50, 50)}
+        assert ledger.total() == pytest.approx(0.75)

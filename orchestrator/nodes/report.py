@@ -34,6 +34,7 @@ async def report(state: RunState, runtime: Runtime[Context]) -> dict[str, object
     if fallbacks:
         state = {**state, "notes": [*state.get("notes", []), *fallbacks]}
     spend = {d: ctx.ledger.by(d, ctx.run_id) for d in ("stage", "model", "provider")}
+    cache = ctx.ledger.cache_shares(ctx.run_id)
     text = render_markdown(
         state,
         title=ctx.spec.title,
@@ -45,7 +46,7 @@ async def report(state: RunState, runtime: Runtime[Context]) -> dict[str, object
         dirty_note=ctx.dirty_note,
         spend=spend,
         reasoning={c.index: _reasoning(ctx, c.index) for c in state.get("candidates", [])},
-        cache=ctx.ledger.cache_shares(ctx.run_id),
+        cache=cache,
     )
     versus = compare(ctx.run_dir, ctx.ledger.rows(ctx.run_id))
     if versus is not None:
@@ -61,6 +62,7 @@ async def report(state: RunState, runtime: Runtime[Context]) -> dict[str, object
         cost=cost,
         outcome=outcome_of(state),
         spend=spend,
+        cache=cache,
         diffs=_diffs(ctx, state),
         versus=versus,
     )
@@ -88,8 +90,8 @@ async def report(state: RunState, runtime: Runtime[Context]) -> dict[str, object
         "heldout_results": [h.model_dump() for h in state.get("heldout_results", [])],
         "spend": spend,
         "prompt_cache": {
-            m: {"prompt_tokens": p, "cached_tokens": c}
-            for m, (p, c) in ctx.ledger.cache_shares(ctx.run_id).items()
+            m: {"prompt_tokens": p, "cached_tokens": r, "cache_write_tokens": w}
+            for m, (p, r, w) in cache.items()
         },
     }
     (ctx.run_dir / "run.json").write_text(
