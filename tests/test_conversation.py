@@ -326,3 +326,54 @@ def test_a_ledger_written_before_cache_writes_were_kept_opens_and_counts_them(
         ]
         assert ledger.cache_shares() == {"m": (200, 50, 50)}
         assert ledger.total() == pytest.approx(0.75)
+
+
+async def test_openais_own_models_get_one_prompt_cache_key_per_conversation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenAI routes requests sharing a `prompt_cache_key` to one prefix cache: each agent's
+    conversation keeps one key, siblings differ, a resumed run keeps it; OpenAI-compatible
+    servers (which may refuse an unknown field) get none."""
+    root = repo(tmp_path, files=3)
+    steps = [call("read_file", path=f"src/m{i}.py") for i in range(3)]
+    loaded = parse_config(
+        {
+            "models": {"g": {"id": "gpt-4o-mini"}},
+            "stages": {"planner": {"model": "g"}, "builders": [{"model": "g"}]},
+        }
+    )
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    # litellm's own OpenAI route, sent to the local server by its base-URL variable; the
+    # requests counted below prove they went there.
+    monkeypatch.setenv("FLOW_ALLOW_MODEL_REQUESTS", "1")
+
+    async def agent(door: Door, scope: str, model: str = "g") -> None:
+        tools = Tools(root, command_timeout_s=30, output_cap=16_000)
+        builder = Builder(
+            door,
+            model,
+            tools,
+            max_turns=10,
+            transcript=tmp_path / f"{scope}.jsonl",
+            redact=Redactor([]),
+            scope=scope,
+        )
+        outcome = await builder.run("Read three files, then finish.")
+        assert outcome.error is None, outcome.error
+
+    keys: dict[str, set[str]] = {}
+    with ChatServer(scripted_handler({"gpt-4o-mini": scripted(steps)})) as srv:
+        monkeypatch.setenv("OPENAI_BASE_URL", srv.base_url)
+        for run, scope in (("r1", "build-0"), ("r1", "build-1"), ("r1", "build-0")):
+            before = len(srv.requests)
+            await agent(Door(loaded, run_id=run), scope)
+            sent = {str(r.get("prompt_cache_key")) for r in srv.requests[before:]}
+            assert len(srv.requests) - before == 4 and len(sent) == 1
+            keys.setdefault(scope, set()).update(sent)
+    assert len(keys["build-0"]) == 1, "a resumed conversation keeps its key"
+    assert keys["build-0"] != keys["build-1"]
+    assert all(k.startswith("flow-") and "r1" not in k for k in keys["build-0"] | keys["build-1"])
+
+    with ChatServer(scripted_handler({"m": scripted(steps)})) as srv:
+        await agent(Door(config(srv.base_url), run_id="r1"), "build-0", "b")
+    assert srv.requests and not any("prompt_cache_key" in r for r in srv.requests)

@@ -152,6 +152,14 @@ def caches_prompts(rm: ResolvedModel) -> bool:
     )
 
 
+def takes_cache_key(rm: ResolvedModel) -> bool:
+    """OpenAI's own API caches prefixes by itself and routes requests that share a
+    `prompt_cache_key` to the same cache; OpenAI-compatible servers may refuse the field."""
+    if rm.api == "openai":
+        return (rm.base_url or "").startswith("https://api.openai.com")
+    return rm.api == "litellm" and vendor_of(rm.litellm_model) == "openai"
+
+
 def uses_tokenizer(rm: ResolvedModel) -> bool:
     """OpenAI's own models, reached through litellm: tiktoken's encodings ship with litellm,
     so their prompts are counted rather than bounded by bytes."""
@@ -278,11 +286,19 @@ class Door:
         if refused is not None:  # the provider said no once; it is not asked again this run
             raise AuthenticationFailed(refused, retryable=False, status=None)
         try:
-            return await self._attempts(rm, key, messages, stage, tools, tool_choice, rkey)
+            return await self._attempts(
+                rm, key, messages, stage, tools, tool_choice, rkey, self._cache_key(stage, scope)
+            )
         except AuthenticationFailed as err:
             if bucket:
                 self._refused[bucket] = str(err)
             raise
+
+    def _cache_key(self, stage: str, scope: str) -> str:
+        """One conversation's name for a provider's prompt cache: the same after a resume,
+        different for each agent of a run, and saying nothing of the run or the spec."""
+        digest = hashlib.sha256(f"{self.run_id}\0{stage}\0{scope}".encode()).hexdigest()
+        return f"flow-{digest[:24]}"
 
     def output_tokens(self, rm: ResolvedModel, stage: str) -> int:
         """The output limit sent with a call: the stage's cap, never above the model's."""
@@ -341,6 +357,7 @@ class Door:
         tools: list[ToolSpec] | None,
         tool_choice: str | None,
         rkey: str,
+        cache_key: str,
     ) -> Completion:
         """Call until success, a failure a retry cannot fix, or the provider's retries run out.
 
@@ -356,7 +373,7 @@ class Door:
             sent = _Sent(worst)
             try:
                 message, usage = await self._call_once(
-                    rm, provider, key, messages, tools, tool_choice, sent, max_out
+                    rm, provider, key, messages, tools, tool_choice, sent, max_out, cache_key
                 )
             except asyncio.CancelledError:
                 # A request on the wire is billed by the provider whether or not we read
@@ -437,6 +454,7 @@ class Door:
         tool_choice: str | None,
         sent: _Sent,
         max_out: int,
+        cache_key: str,
     ) -> tuple[Message, Usage]:
         if rm.scripted:
             await self._hold(sent)
@@ -454,6 +472,8 @@ class Door:
             "num_retries": 0,  # retries happen here, where the budget and ledger can see them
             "drop_params": True,
         }
+        if takes_cache_key(rm):
+            kwargs["prompt_cache_key"] = cache_key
         if tools:
             kwargs["tools"] = wire.tools_to_wire(tools, quirks)
             if tool_choice is not None:
