@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from orchestrator import overlay
 from orchestrator.redact import secret_name
 from orchestrator.workspace import GIT_REDIRECTS
 
@@ -327,6 +328,7 @@ async def run_shell(
     spawn = asyncio.ensure_future(
         asyncio.get_running_loop().subprocess_exec(
             lambda: proto,
+            *overlay.enter(cwd),
             *(
                 [*confine, "/bin/sh", "-c", command]
                 if confine is not None

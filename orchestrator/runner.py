@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from langchain_core.runnables import RunnableConfig
 from pydantic import BaseModel
 
+from orchestrator import overlay
 from orchestrator.attempts import Attempts
 from orchestrator.config import LoadedConfig, secret_values
 from orchestrator.context import Context
@@ -288,6 +289,8 @@ async def _run(
 
     if await asyncio.to_thread(sandbox.bwrap) is None:  # said plainly, in the run's first lines
         sink.emit(Notice(run_id=run_id, level="warning", message=sandbox.describe()))
+    elif await asyncio.to_thread(overlay.unavailable) is not None:
+        sink.emit(Notice(run_id=run_id, level="info", message=overlay.describe()))
     from orchestrator.agent_status import login_warnings
 
     for warning in login_warnings(loaded):

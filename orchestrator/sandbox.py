@@ -17,6 +17,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from orchestrator import overlay
 from orchestrator.proc import sandbox_env
 
 PRIVATE_HOME = "/tmp/home"
@@ -45,17 +46,19 @@ def bwrap() -> str | None:
 
 
 def describe() -> str:
-    """One sentence for `flow validate` and a run's first lines: what builder commands reach."""
+    """One line for `flow validate` and a run's first lines: what builder commands reach, and
+    how checkouts are made."""
     if bwrap() is not None:
         return (
             "Builder commands run under bubblewrap: no network, their own processes only, the "
             "file system read-only except their checkout and a private /tmp, and no HOME, "
-            "cache or repository of yours in sight."
+            "cache or repository of yours in sight. " + overlay.describe()
         )
     return (
         "bubblewrap is not usable here (install it: apt-get install bubblewrap), so builder "
         "commands are cut off from the network only and can read and write every file you can, "
-        "and agent CLIs run unconfined (set `sandbox: required` to refuse that)."
+        "and agent CLIs run unconfined (set `sandbox: required` to refuse that). "
+        + overlay.describe()
     )
 
 

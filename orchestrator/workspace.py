@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from orchestrator import overlay
 from orchestrator.errors import WorkspaceError
 
 DEFAULT_IDENTITY = ("flow", "flow@localhost")
@@ -132,12 +133,14 @@ def _run(
     check: bool = True,
     scrubbed: bool = False,
     timeout_s: float = GIT_TIMEOUT_S,
+    prefix: tuple[str, ...] | list[str] = (),
 ) -> subprocess.CompletedProcess[bytes]:
     """git in `cwd`. `scrubbed`: the environment is `env` plus a bare minimum, nothing of
-    flow's own (keys above all), for git reading a checkout a model has touched."""
+    flow's own (keys above all), for git reading a checkout a model has touched. `prefix`:
+    where git runs (an overlay view's namespace)."""
     try:
         proc = subprocess.run(
-            ["git", "-C", str(cwd), *args],
+            [*prefix, "git", "-C", str(cwd), *args],
             env=_scrubbed_env(env) if scrubbed else _git_env(env),
             input=input,
             capture_output=True,
@@ -299,14 +302,20 @@ class Repo:
         email = self.git("config", "--get", "user.email", check=False).strip()
         return (name, email) if name and email else DEFAULT_IDENTITY
 
-    def add_worktree(self, path: Path, sha: str) -> Path:
+    def add_worktree(self, path: Path, sha: str, *, view: bool = False) -> Path:
         """A private checkout of `sha` at `path`: a shared clone, not a linked worktree.
 
         The clone borrows the objects read-only (alternates) but has its own config, refs
         and no hooks, so whatever a builder does with git there stays there; nothing of the
         user's repository runs (hooks) or changes. A leftover clone at `path` is replaced.
+
+        `view`: where overlays work (orchestrator/overlay.py), an overlay over the run's one
+        checkout of `sha` instead of a copy; then flow's own Python reaches its files at
+        `overlay.host(path)` and programs run in it under `overlay.enter(path)`.
         """
         path = Path(path).resolve()
+        if view and overlay.unavailable() is None:
+            return self._add_view(path, sha)
         if path == self.root or path.is_relative_to(self.root) or self.root.is_relative_to(path):
             raise WorkspaceError(f"{path}: a builder's checkout must lie outside {self.root}")
         if path.is_dir() and (path / ".git").exists():
@@ -320,6 +329,37 @@ class Repo:
             self.remove_worktree(path)
             raise
         return path
+
+    def _add_view(self, path: Path, sha: str) -> Path:
+        self.remove_worktree(path)  # a view or checkout left by an interrupted attempt
+        base = self._base(overlay.state_dir(path) / f"base-{sha}", sha)
+        try:
+            shutil.copytree(shadow_dir(base), shadow_dir(path))
+            overlay.mount(base, path)
+        except BaseException:
+            self.remove_worktree(path)
+            raise
+        return path
+
+    def _base(self, base: Path, sha: str) -> Path:
+        """The run's one checkout of `sha` that views lie over; made once, then read-only."""
+        done = base.with_name(base.name + ".done")
+        with overlay.base_lock(base):
+            if done.is_file():
+                return base
+            self.remove_worktree(base)
+            base.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._clone(base, sha)
+                # Rewritten after every file: no entry is racily clean, so a view's first
+                # diff hashes only the files that view changed.
+                _safe(base, ("update-index", "-q", "--refresh"), _checkout_env(base))
+                shutil.copyfile(shadow_dir(base) / "index", base / ".git" / "index")
+            except BaseException:
+                self.remove_worktree(base)
+                raise
+            done.write_text(f"{sha}\n", encoding="utf-8")
+        return base
 
     def _clone(self, path: Path, sha: str) -> None:
         # An empty repository that borrows the user's objects (alternates): no ref, remote or
@@ -364,6 +404,11 @@ class Repo:
         size) is rewritten from the base, and every untracked or ignored file and nested
         repository is deleted; then the result is verified against flow's index.
         """
+        if overlay.view_of(old) is not None:  # a fresh view is already base + nothing
+            self.remove_worktree(old)
+            self.add_worktree(path, sha, view=True)
+            apply_patch(path, patch)
+            return
         env = _checkout_env(old)
         if not (shadow_dir(old) / "index").is_file():
             raise WorkspaceError(f"{old}: no index of flow's to reset it by")
@@ -412,6 +457,7 @@ class Repo:
 
     def remove_worktree(self, path: Path) -> None:
         """Delete a checkout made by `add_worktree`; nothing of the user's repository changes."""
+        overlay.unmount(Path(path))
         _remove_tree(Path(path))
         _remove_tree(shadow_dir(Path(path)))
 
@@ -562,7 +608,7 @@ def worktree_diff(worktree: Path, base_sha: str) -> bytes:
 def _safe(
     worktree: Path, args: tuple[str, ...], env: dict[str, str], input: bytes | None = None
 ) -> subprocess.CompletedProcess[bytes]:
-    return _run(worktree, args, env=env, input=input, scrubbed=True)
+    return _run(worktree, args, env=env, input=input, scrubbed=True, prefix=overlay.enter(worktree))
 
 
 def _checkout_env(worktree: Path) -> dict[str, str]:
@@ -685,6 +731,7 @@ def worktree_dir(repo: Repo, run_id: str) -> Path:
 def remove_run_worktrees(repo: Repo, run_id: str) -> int:
     """Remove every checkout of the run; returns how many there were."""
     top = worktree_dir(repo, run_id).resolve()
+    overlay.unmount_under(top)
     legacy = repo._legacy_worktrees(top)
     # Entries are removed as named, never resolved: a symlink goes, not what it points at.
     found = {top / p.resolve().relative_to(top) for p in legacy}
@@ -696,7 +743,8 @@ def remove_run_worktrees(repo: Repo, run_id: str) -> int:
         repo.git("worktree", "prune", check=False)
     if top.is_dir() and not any(top.iterdir()):
         top.rmdir()
-    return sum(1 for p in found if not p.name.endswith(_SHADOW_SUFFIX))
+    kept = (_SHADOW_SUFFIX, overlay.STATE_DIR)
+    return sum(1 for p in found if not p.name.endswith(kept))
 
 
 def _remove_tree(path: Path) -> None:

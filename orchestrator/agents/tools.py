@@ -22,7 +22,7 @@ from typing import Any
 
 import regex
 
-from orchestrator import sandbox
+from orchestrator import overlay, sandbox
 from orchestrator.llm.messages import ToolCall, ToolSpec
 from orchestrator.proc import run_shell, sandbox_env
 
@@ -31,6 +31,7 @@ MAX_EDIT_BYTES = 5_000_000
 MAX_SEARCH_BYTES = 1_000_000
 """Per file; the rest of a longer file is not searched."""
 MAX_PATH_CHARS = 1024
+MAX_LINKS = 40
 MAX_LIST = 400
 MAX_MATCHES = 200
 SEARCH_TIMEOUT_S = 10.0
@@ -137,7 +138,10 @@ class Tools:
         search_timeout_s: float = SEARCH_TIMEOUT_S,
         tester: bool = False,
     ):
-        self.root = root.resolve()
+        self.name = root.resolve()
+        """The checkout as its programs see it; `root` is where flow's Python reaches it (the
+        same, but for an overlay view: orchestrator/overlay.py)."""
+        self.root = overlay.host(self.name)
         self.search_timeout_s = search_timeout_s
         self.command_timeout_s = command_timeout_s
         self.output_cap = output_cap
@@ -162,13 +166,60 @@ class Tools:
             raise ToolError("path contains a NUL byte")
         if len(path) > MAX_PATH_CHARS or any(len(p.encode()) > 255 for p in path.split("/")):
             raise ToolError(f"{path[:60]}…: path too long")
-        candidate = Path(os.path.realpath(self.root / path))
-        if candidate != self.root and self.root not in candidate.parents:
-            raise ToolError(f"{path}: outside the repository; use a path relative to its root")
+        if self.root == self.name:
+            candidate = Path(os.path.realpath(self.root / path))
+            if candidate != self.root and self.root not in candidate.parents:
+                raise ToolError(f"{path}: outside the repository; use a path relative to its root")
+        else:
+            candidate = self._resolve_in_view(path)
         rel = candidate.relative_to(self.root)
         if rel.parts and rel.parts[0] == ".git":
             raise ToolError(f"{path}: git internals are off limits")
         return candidate
+
+    def _resolve_in_view(self, path: str) -> Path:
+        """`path` resolved as realpath would inside the checkout, through `self.root`: there
+        realpath itself would leave the view (/proc/<pid>/root reads as `/`)."""
+        outside = ToolError(f"{path}: outside the repository; use a path relative to its root")
+        todo = self._inside(path, outside)
+        done: list[str] = []
+        links = 0
+        while todo:
+            part = todo.pop()
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not done:
+                    raise outside
+                done.pop()
+                continue
+            here = self.root.joinpath(*done, part)
+            try:
+                is_link = stat.S_ISLNK(os.lstat(here).st_mode)
+            except OSError:
+                is_link = False
+            if not is_link:
+                done.append(part)
+                continue
+            links += 1
+            if links > MAX_LINKS:
+                raise ToolError(f"{path}: too many levels of symbolic links")
+            target = os.readlink(here)
+            if os.path.isabs(target):
+                todo.extend(self._inside(target, outside))
+                done = []
+            else:
+                todo.extend(reversed(Path(target).parts))
+        return self.root.joinpath(*done)
+
+    def _inside(self, path: str, outside: ToolError) -> list[str]:
+        """The parts of `path` below the checkout, last first; an absolute path must name it."""
+        given = Path(path)
+        if given.is_absolute():
+            if given != self.name and self.name not in given.parents:
+                raise outside
+            given = given.relative_to(self.name)
+        return list(reversed(given.parts))
 
     async def dispatch(self, call: ToolCall) -> str:
         handler = self._handlers.get(call.name)
@@ -269,13 +320,13 @@ class Tools:
 
     async def run(self, command: str) -> str:
         # `git config --global/--system` writes to the clone, not to the user's own config.
-        own = str(self.root / ".git" / "flow-user.gitconfig")
+        own = str(self.name / ".git" / "flow-user.gitconfig")
         confine = None
         if await asyncio.to_thread(sandbox.bwrap) is not None:
-            confine = sandbox.confined(self.root, sandbox.borrowed_objects(self.root))
+            confine = sandbox.confined(self.name, sandbox.borrowed_objects(self.name))
         result = await run_shell(
             command,
-            self.root,
+            self.name,
             timeout_s=self.command_timeout_s,
             output_cap=self.output_cap,
             env=sandbox_env({"GIT_CONFIG_GLOBAL": own, "GIT_CONFIG_SYSTEM": own}),

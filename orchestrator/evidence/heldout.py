@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
+from orchestrator import overlay
 from orchestrator.context import Context
 from orchestrator.evidence.protect import is_test_file
 from orchestrator.proc import CommandResult
@@ -96,8 +97,9 @@ async def run_on_base(
     path = ctx.worktrees / f"test-{held.index}-base"
     tests: list[HeldOutTest] = []
     try:
-        await asyncio.to_thread(ctx.repo.add_worktree, path, base_sha)
-        await asyncio.to_thread(write_files, path, files)
+        view = not ctx.keep_worktrees  # a kept checkout must outlive flow's process
+        await asyncio.to_thread(ctx.repo.add_worktree, path, base_sha, view=view)
+        await asyncio.to_thread(write_files, overlay.host(path), files)
         for t in submitted:
             out = await run_check(ctx, t["command"], path)
             tests.append(
@@ -124,12 +126,13 @@ async def run_on_candidate(
     path = ctx.worktrees / f"heldout-{index}"
     results: list[HeldOutResult] = []
     try:
-        await asyncio.to_thread(ctx.repo.add_worktree, path, base_sha)
+        view = not ctx.keep_worktrees
+        await asyncio.to_thread(ctx.repo.add_worktree, path, base_sha, view=view)
         await asyncio.to_thread(apply_patch, path, patch)
         for held in heldout:
             if not held.kept:
                 continue
-            await asyncio.to_thread(write_files, path, load_files(ctx, held))
+            await asyncio.to_thread(write_files, overlay.host(path), load_files(ctx, held))
             for t in held.kept:
                 out = await run_check(ctx, t.command, path)
                 results.append(

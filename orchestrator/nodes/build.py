@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from langgraph.runtime import Runtime
 
+from orchestrator import overlay
 from orchestrator.agents.builder import Builder, BuildOutcome
 from orchestrator.agents.cli import CliBuilder, cli_for
 from orchestrator.agents.prompts import build_request
@@ -120,7 +121,9 @@ async def _build(task: BuildTask, ctx: Context, keep: bool = False) -> dict[str,
     patch = b""
     agent = ctx.config.builder_agent(task.index)
     try:
-        await asyncio.to_thread(ctx.repo.add_worktree, path, task.base_sha)
+        # A kept checkout must outlive flow's process, which a view does not.
+        view = not ctx.keep_worktrees
+        await asyncio.to_thread(ctx.repo.add_worktree, path, task.base_sha, view=view)
         settings = ctx.config.config.builder
         tools = Tools(
             path, command_timeout_s=settings.command_timeout_s, output_cap=settings.output_cap_bytes
@@ -210,9 +213,11 @@ def _unprotected(
     if not guard.active:
         return patch, []
 
+    files = overlay.host(checkout)
+
     def drop(rel: str) -> bool:
         return guard.protects(
-            rel, lambda: ctx.repo.blob_at(base_sha, rel), lambda: _read_plain(checkout / rel)
+            rel, lambda: ctx.repo.blob_at(base_sha, rel), lambda: _read_plain(files / rel)
         )
 
     return split_patch(patch, drop)

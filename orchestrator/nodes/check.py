@@ -78,7 +78,8 @@ async def checks_on(
     path = ctx.worktrees / name
     results: list[CheckResult] = []
     try:
-        await asyncio.to_thread(_checkout, ctx.repo, path, sha, patch, reuse)
+        view = not ctx.keep_worktrees  # a kept checkout must outlive flow's process
+        await asyncio.to_thread(_checkout, ctx.repo, path, sha, patch, reuse, view)
         for position, command in enumerate(ctx.spec.checks, 1):
             ctx.events.emit(
                 CheckStarted(
@@ -116,7 +117,9 @@ async def checks_on(
     return results
 
 
-def _checkout(repo: Repo, path: Path, sha: str, patch: bytes, reuse: Path | None) -> None:
+def _checkout(
+    repo: Repo, path: Path, sha: str, patch: bytes, reuse: Path | None, view: bool
+) -> None:
     if reuse is not None:
         try:
             repo.reuse_worktree(reuse, path, sha, patch)
@@ -124,7 +127,7 @@ def _checkout(repo: Repo, path: Path, sha: str, patch: bytes, reuse: Path | None
         except (WorkspaceError, OSError):
             repo.remove_worktree(reuse)  # what could not be reset is not used
             repo.remove_worktree(path)
-    repo.add_worktree(path, sha)
+    repo.add_worktree(path, sha, view=view)
     apply_patch(path, patch)
 
 

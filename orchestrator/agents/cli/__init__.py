@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from orchestrator import overlay
 from orchestrator.agents.builder import BuildOutcome
 from orchestrator.agents.cli.aider import Aider
 from orchestrator.agents.cli.base import AgentCli, CliRun, Launch, run_cli
@@ -203,7 +204,7 @@ class CliBuilder:
 
     def _drop(self, checkout: Path) -> None:
         for pattern in self.cli.droppings:
-            for path in checkout.glob(pattern):
+            for path in overlay.host(checkout).glob(pattern):
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
                 else:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from orchestrator import sandbox
+from orchestrator import overlay, sandbox
 from orchestrator.agent_status import CLI_PATH_ENV
 from orchestrator.agent_status import find as find  # the CLI files find their command here
 from orchestrator.proxy import Proxy, bridge
@@ -174,6 +174,7 @@ async def run_cli(
     login = _login_files(cli, home) if proxy is None else ()
     argv = await asyncio.to_thread(confined_argv, launch, checkout, home, proxy, login)
     proc = await asyncio.create_subprocess_exec(
+        *overlay.enter(checkout),
         *argv,
         cwd=checkout,
         env=launch.env,
