@@ -288,3 +288,26 @@ def test_copy_mode_makes_full_checkouts_and_says_so(
     assert not (tmp_path / "run" / overlay.STATE_DIR).exists()
     monkeypatch.delenv(overlay.MODE_ENV)
     assert "overlays over one read-only base" in sandbox.describe()
+
+
+def test_a_run_commits_the_same_tree_over_views_and_over_copies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_e2e import run
+
+    from orchestrator.demo import prepare_demo
+    from orchestrator.events import Notice
+
+    trees = {}
+    for mode in ("overlay", "copy"):
+        monkeypatch.setenv(overlay.MODE_ENV, mode)
+        (tmp_path / mode).mkdir()
+        demo = prepare_demo(tmp_path / mode)
+        result, sink = run(demo)
+        assert result.exit_code == 0 and result.outcome == "applied", mode
+        trees[mode] = git(demo.repo, "rev-parse", "flow/add-median^{tree}")
+        notices = [e.message for e in sink.events if isinstance(e, Notice)]
+        said = [n for n in notices if "Checkouts are full copies" in n]
+        assert len(said) == (1 if mode == "copy" else 0), notices
+        assert overlay._views == {}  # every view (and its holder) ended with the run
+    assert trees["overlay"] == trees["copy"]
