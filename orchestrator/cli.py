@@ -246,10 +246,12 @@ def validate(
     ] = False,
 ) -> None:
     """Check specs, the merged config and its keys without calling any model."""
+    from orchestrator import overlay
     from orchestrator.config import resolve_api_key
     from orchestrator.preflight import preflight, vendor_key
     from orchestrator.spec import load_spec
 
+    overlay.probe_soon()  # for the sandbox line, while the rest is checked
     repository = _repo(repo)
     layers = _layers(repository, config, profile, set_)
     loaded = layers.resolve()

@@ -23,7 +23,6 @@ Where overlays do not work (an old kernel, user namespaces disabled, no overlayf
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import shutil
 import subprocess
@@ -50,8 +49,7 @@ _UNSAFE_IN_OPTIONS = (",", ":", "\\", "\n")
 _HOLDER = (
     "set -e\n"
     'mount -t overlay overlay -o "lowerdir=$1,upperdir=$2,workdir=$3,userxattr" "$4"\n'
-    'mount --bind "$1" "$1"\n'
-    'mount -o remount,bind,ro "$1"\n'
+    'mount --bind -o ro "$1" "$1"\n'
     'cd "$4"\n'
     'exec unshare --user --map-user="$5" --map-group="$6" --mount /bin/sh -c '
     "'echo ready; exec cat >/dev/null'\n"
@@ -73,6 +71,8 @@ class View:
 
 
 _views: dict[Path, View] = {}
+_probed: list[str | None] = []
+_probe_lock = threading.Lock()
 _lock = threading.Lock()
 _base_locks: dict[Path, threading.Lock] = {}
 
@@ -81,9 +81,20 @@ def mode() -> str:
     return "copy" if os.environ.get(MODE_ENV, "").strip().lower() == "copy" else "overlay"
 
 
-@functools.cache
 def _probe() -> str | None:
     """Why overlays cannot be used in this process (None: they can). Probed once."""
+    with _probe_lock:
+        if not _probed:
+            _probed.append(_try())
+        return _probed[0]
+
+
+def probe_soon() -> None:
+    """Start the probe in the background (`flow validate` reads its answer last)."""
+    threading.Thread(target=_probe, daemon=True).start()
+
+
+def _try() -> str | None:
     for tool in ("unshare", "nsenter"):
         if shutil.which(tool) is None:
             return f"`{tool}` is not installed"

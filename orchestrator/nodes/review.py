@@ -134,7 +134,8 @@ async def _cli_review(
     )
     try:
         try:
-            await asyncio.to_thread(ctx.repo.add_worktree, path, task.base_sha)
+            view = not ctx.keep_worktrees  # a kept checkout must outlive flow's process
+            await asyncio.to_thread(ctx.repo.add_worktree, path, task.base_sha, view=view)
             patch = (ctx.run_dir / cand.patch).read_bytes()
             await asyncio.to_thread(apply_patch, path, patch)
         except (OSError, WorkspaceError) as err:
