@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 import threading
 import time
@@ -20,13 +21,21 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from batchloop import (
+    Probes,
+    StallWatch,
+    StampSink,
+    idle_between_specs,
+    ms,
+    pool_waits,
+    slot_use,
+)
 
 from orchestrator.batch import BatchOptions, run_batch
 from orchestrator.config import LoadedConfig, load_config
 from orchestrator.demo import DemoPaths, prepare_demo
 from orchestrator.llm.door import Door
 from orchestrator.llm.messages import Message
-from orchestrator.protocols import ListSink
 from orchestrator.testing import ChatServer, ServerReply, scripted_handler
 from orchestrator.testing.demo_http import demo_scripts, http_config
 from orchestrator.testing.server import Handler
@@ -107,30 +116,51 @@ async def calls_only(config: LoadedConfig, n: int) -> str:
     return f"calls-only: {n} calls"
 
 
-async def batch(config: LoadedConfig, demo: DemoPaths, n_specs: int, parallel: int) -> str:
+async def batch(
+    config: LoadedConfig, demo: DemoPaths, n_specs: int, parallel: int, sink: StampSink
+) -> str:
     specs = write_specs(demo, n_specs)
     options = BatchOptions(budget_usd=1000.0, parallel=parallel)
-    result = await run_batch(specs, config, Repo.open(demo.repo), ListSink(), options)
+    result = await run_batch(specs, config, Repo.open(demo.repo), sink, options)
     statuses = sorted({i.status for i in result.items})
     counts = " ".join(f"{s}:{sum(1 for i in result.items if i.status == s)}" for s in statuses)
     return f"specs={n_specs} parallel={parallel} outcomes={counts}"
 
 
 async def bench(
-    concurrency: int, latency_s: float, n_specs: int, parallel: int, only_calls: int | None
+    concurrency: int,
+    latency_s: float,
+    n_specs: int,
+    parallel: int,
+    only_calls: int | None,
+    stalls: bool = False,
 ) -> None:
-    with tempfile.TemporaryDirectory(prefix="flow-bench-") as tmp:
+    probes = Probes()
+    probes.install(asyncio.get_running_loop())
+    sink = StampSink()
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="flow-bench-") as tmp, probes.wrapped():
         demo = prepare_demo(Path(tmp))
         timed = Timed(scripted_handler(demo_scripts(demo)), latency_s)
         with ChatServer(timed, max_concurrency=concurrency) as srv:
             config = load_config(write_config(demo, srv.base_url, concurrency))
             began = time.monotonic()
+            watch = StallWatch() if stalls else None
+            if watch is not None:
+                watch.start()
+            ticker = asyncio.ensure_future(probes.ticker(watch))
             if only_calls is None:
-                what = await batch(config, demo, n_specs, parallel)
+                what = await batch(config, demo, n_specs, parallel, sink)
             else:
                 what = await calls_only(config, only_calls)
                 timed.intervals = timed.intervals[1:]  # not the warm-up
             wall = time.monotonic() - began
+            probes.stop()
+            await ticker
+            if watch is not None:
+                watch.stop()
+                for where, n in watch.samples.most_common(25):
+                    print(f"stall_sample {n:4d} {where}")
             requests, rejected, peak = len(srv.requests), srv.rejected, srv.max_in_flight
         intervals = sorted(timed.intervals)
     if not intervals:
@@ -151,6 +181,24 @@ async def bench(
     print(f"bound_calls_per_s={bound:.3f}")
     print(f"server_peak_in_flight={peak}")
     print(f"idle_slot_s_head={head:.2f} middle={middle:.2f} tail={tail:.2f}")
+    between = idle_between_specs(intervals, concurrency, sink, n_specs, parallel, began)
+    print(f"idle_slot_s_between_specs={between:.2f}")
+    share = probes.writes.union_s() / wall
+    print(
+        f"checkpoint_writes={probes.n_writes} wall_share={share:.3f} "
+        f"sum_s={probes.writes.sum_s():.2f} serialize_sum_s={probes.serialize.sum_s():.2f}"
+    )
+    if probes.slot_calls:
+        overhead, waited, starved = slot_use(probes.slot_calls, intervals, concurrency)
+        print(
+            f"slot_s_held_not_served={overhead:.2f} free_while_a_call_waited={waited:.2f} "
+            f"free_with_none_waiting={starved:.2f}"
+        )
+    print(f"default_executor_wait: {ms(probes.default_waits)}")
+    for name, waits in pool_waits().items():
+        print(f"pool_wait[{name}]: {ms(waits)}")
+    print(f"loop_lag: {ms(probes.lags)}")
+    print(f"loadavg_before={load[0]:.2f},{load[1]:.2f},{load[2]:.2f}")
     print(f"ratio={achieved / bound:.2f} rejected={rejected}")
 
 
@@ -167,9 +215,14 @@ def main() -> None:
         metavar="K",
         help="instead of a batch, K concurrent calls from one Door (the client's own overhead)",
     )
+    parser.add_argument(
+        "--stalls", action="store_true", help="sample where the event loop is blocked (> 30 ms)"
+    )
     args = parser.parse_args()
     parallel = args.parallel if args.parallel is not None else args.specs
-    asyncio.run(bench(args.concurrency, args.latency, args.specs, parallel, args.calls_only))
+    asyncio.run(
+        bench(args.concurrency, args.latency, args.specs, parallel, args.calls_only, args.stalls)
+    )
 
 
 if __name__ == "__main__":

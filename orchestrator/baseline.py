@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Literal
 
+from orchestrator import pools
 from orchestrator.config import LoadedConfig
 from orchestrator.evidence.heldout import CANNOT_RUN_EXITS, on_base
 from orchestrator.proc import CommandResult
@@ -97,16 +98,16 @@ async def _run(spec: Spec, loaded: LoadedConfig, repo: Repo, base_sha: str) -> l
 
     run_id = f"validate-{secrets.token_hex(4)}"
     path = worktree_dir(repo, run_id) / "baseline"
-    modules = repository_modules(await asyncio.to_thread(repo.files_at, base_sha))
+    modules = repository_modules(await pools.git(repo.files_at, base_sha))
     out: list[BaselineCheck] = []
     try:
-        await asyncio.to_thread(repo.add_worktree, path, base_sha)
+        await pools.git(repo.add_worktree, path, base_sha)
         for i, command in enumerate(spec.checks):
             result = await run_check_as_checks(loaded, repo.root, command, path)
             verdict, why = judge(result, modules)
             out.append(BaselineCheck(i, command, verdict, why, _tail(result.output)))
     finally:
-        await asyncio.to_thread(remove_run_worktrees, repo, run_id)
+        await pools.git(remove_run_worktrees, repo, run_id)
     return out
 
 

@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
+from orchestrator import pools
 from orchestrator.config import LoadedConfig
 from orchestrator.errors import FlowError, KeyRefused, WorkspaceError
 from orchestrator.events import BatchFinished, BatchStarted, Notice, SpecSkipped
 from orchestrator.fmt import usd
 from orchestrator.layers import ConfigSource
-from orchestrator.preflight import preflight
+from orchestrator.preflight import branch_free, preflight
 from orchestrator.protocols import EventSink
 from orchestrator.runner import (
     RunOptions,
@@ -216,7 +217,9 @@ async def run_batch(
                 if note:
                     events.emit(Notice(run_id=rec.batch_id, level="warning", message=note))
         async with shared_resources(repo, loaded, caps=[cap], batch_id=rec.batch_id) as shared:
+            preload = asyncio.ensure_future(_preload(loaded))
             gate = asyncio.Semaphore(max(1, options.parallel))
+            ahead = asyncio.Semaphore(max(1, options.parallel))
             work = [
                 _one(
                     item,
@@ -227,7 +230,7 @@ async def run_batch(
                     options,
                     shared,
                     store,
-                    gate,
+                    (ahead, gate),
                     deadline,
                     cap,
                 )
@@ -235,6 +238,7 @@ async def run_batch(
                 if item.status not in FINISHED
             ]
             await asyncio.gather(*work)
+            await preload
         final = store.items(rec.batch_id)
         if rec.status != "done":  # a run stopped by a refused key leaves it resumable
             done = all(i.status in FINISHED for i in final)
@@ -295,6 +299,44 @@ def _budget_note(before: BatchRecord, asked: float, limit: float, spent: float) 
     )
 
 
+async def _prepare(
+    spec: Spec, loaded: LoadedConfig, repo: Repo, options: BatchOptions, cap: Cap
+) -> Exception | None:
+    """The spec's preflight, run before a slot is free so that none idles between specs;
+    what it raised, to be raised where the run starts."""
+    budget = spec_budget(loaded, options.per_spec_usd, cap.limit_usd)
+    try:
+        await pools.git(preflight, spec, loaded, repo, builders=options.builders, budget_usd=budget)
+    except Exception as err:  # reported as the run's own failure, like every other
+        return err
+    return None
+
+
+async def _recheck(
+    spec: Spec,
+    loaded: LoadedConfig,
+    repo: Repo,
+    options: BatchOptions,
+    cap: Cap,
+    early: Exception | None,
+) -> None:
+    """At the start, what the runs before it may have changed: a refusal is asked again (an
+    earlier spec may have made the branch this one's base names), a pass keeps but for the
+    spec's own branch (an earlier spec may have written it)."""
+    if early is None:
+        await pools.git(branch_free, spec, repo)
+    elif (again := await _prepare(spec, loaded, repo, options, cap)) is not None:
+        raise again
+
+
+async def _preload(loaded: LoadedConfig) -> None:
+    """litellm's import (seconds) while the first specs start, unless no model needs it."""
+    if any(not m.scripted for m in loaded.models.values()):
+        from orchestrator.llm import wire
+
+        await wire.warm_up()
+
+
 async def _one(
     item: BatchItem,
     spec: Spec | None,
@@ -304,79 +346,74 @@ async def _one(
     options: BatchOptions,
     shared: Shared,
     store: Store,
-    gate: asyncio.Semaphore,
+    gates: tuple[asyncio.Semaphore, asyncio.Semaphore],
     deadline: datetime | None,
     cap: Cap,
 ) -> None:
-    def skip(reason: str) -> None:
-        store.update_item(item.batch_id, item.position, status="skipped", reason=reason)
+    async def update(status: str, reason: str | None = None, run_id: str | None = None) -> None:
+        await pools.db(
+            store.update_item,
+            item.batch_id,
+            item.position,
+            status=status,
+            reason=reason,
+            run_id=run_id,
+        )
+
+    async def skip(reason: str) -> None:
+        await update(status="skipped", reason=reason)
         events.emit(SpecSkipped(batch_id=item.batch_id, spec=item.spec_path, reason=reason))
 
-    async with gate:
-        if spec is None:
-            return skip("the spec is no longer part of this batch's command")
+    if spec is None:
+        return await skip("the spec is no longer part of this batch's command")
+    if item.run_id is not None and spec.digest != item.spec_digest:
+        return await update(
+            status="failed", reason="the spec changed since its run started; use --new"
+        )
+    run_opts = RunOptions(
+        builders=options.builders,
+        budget_usd=options.per_spec_usd,
+        keep_worktrees=options.keep_worktrees,
+        onto_tip=options.onto_tip,
+        **options.source(),
+    )
+    ahead, gate = gates
+    async with ahead:  # the next specs are checked while the running ones finish
+        problem = None if item.run_id else await _prepare(spec, loaded, repo, options, cap)
+        await gate.acquire()
+    try:
         if item.run_id is None:
             if deadline is not None and datetime.now() >= deadline:
-                return skip(f"deadline {deadline:%H:%M} reached before it started")
+                return await skip(f"deadline {deadline:%H:%M} reached before it started")
             need = pass_cost(loaded, options.builders, spec)
             if cap.remaining() < need:
-                return skip(
+                return await skip(
                     f"batch budget exhausted ({usd(cap.remaining())} left; one pass of this "
                     f"spec may cost {usd(need)})"
                 )
-        elif spec.digest != item.spec_digest:
-            store.update_item(
-                item.batch_id,
-                item.position,
-                status="failed",
-                reason="the spec changed since its run started; use --new",
-            )
-            return None
         run_id = item.run_id or new_run_id()
-        store.update_item(item.batch_id, item.position, status="running", run_id=run_id)
-        run_opts = RunOptions(
-            builders=options.builders,
-            budget_usd=options.per_spec_usd,
-            keep_worktrees=options.keep_worktrees,
-            onto_tip=options.onto_tip,
-            **options.source(),
-        )
+        await update(status="running", run_id=run_id)
         try:
-            if item.run_id is None:
-                await asyncio.to_thread(
-                    lambda: preflight(
-                        spec,
-                        loaded,
-                        repo,
-                        builders=options.builders,
-                        budget_usd=spec_budget(loaded, run_opts.budget_usd, cap.limit_usd),
-                    )
-                )
+            if item.run_id is None:  # a resumed run's branch may be its own
+                await _recheck(spec, loaded, repo, options, cap, problem)
             result = await run_spec(
                 spec, loaded, repo, events, run_opts, run_id=run_id, shared=shared
             )
         except KeyRefused as err:  # resumable: running the batch again finishes it
-            store.update_item(
-                item.batch_id, item.position, status="interrupted", reason=str(err)[:300]
-            )
+            await update(status="interrupted", reason=str(err)[:300])
             return None
         except FlowError as err:
             status = "skipped" if isinstance(err, WorkspaceError) else "failed"
-            store.update_item(
-                item.batch_id, item.position, status=status, reason=str(err).splitlines()[0]
-            )
+            await update(status=status, reason=str(err).splitlines()[0])
             return None
         except Exception as err:  # one spec's crash must not stop the batch
-            store.update_item(
-                item.batch_id,
-                item.position,
-                status="failed",
-                reason=f"{type(err).__name__}: {err}"[:300],
-            )
+            await update(status="failed", reason=f"{type(err).__name__}: {err}"[:300])
             return None
         reason = {
             "applied": None,
             "needs-you": f"needs you: see `flow show {run_id}`, settle with `flow pick {run_id} N`",
         }.get(result.outcome, "no acceptable candidate")
-        store.update_item(item.batch_id, item.position, status=result.outcome, reason=reason)
+        await update(status=result.outcome, reason=reason)
         return None
+    finally:
+        gate.release()

@@ -137,6 +137,15 @@ def used_models(loaded: LoadedConfig, slots: list[str]) -> list[str]:
     return sorted(names)
 
 
+def branch_free(spec: Spec, repo: Repo) -> None:
+    """The spec's branch does not exist yet (a batch checks again when a run starts)."""
+    if repo.branch_exists(spec.branch):
+        raise WorkspaceError(
+            f"{spec.path}: branch {spec.branch!r} already exists in {repo.root}; "
+            "set `branch:` in the spec's front matter or delete the branch"
+        )
+
+
 def preflight(
     spec: Spec,
     loaded: LoadedConfig,
@@ -169,11 +178,7 @@ def preflight(
             f"{spec.path}: checks: {missing[0]!r} is not installed (not on "
             "PATH, nor a file of the repository); install it or fix the command"
         )
-    if repo.branch_exists(spec.branch):
-        raise WorkspaceError(
-            f"{spec.path}: branch {spec.branch!r} already exists in {repo.root}; "
-            "set `branch:` in the spec's front matter or delete the branch"
-        )
+    branch_free(spec, repo)
     if loaded.config.sandbox == "required":
         from orchestrator import sandbox
 

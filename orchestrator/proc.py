@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from orchestrator import overlay
+from orchestrator import overlay, pools
 from orchestrator.redact import secret_name
 from orchestrator.workspace import GIT_REDIRECTS
 
@@ -318,9 +318,9 @@ async def run_shell(
     if confine is not None:
         isolation = None
     elif isolate_network:
-        isolation = await asyncio.to_thread(network_isolation)
+        isolation = await pools.work(network_isolation)
     elif isolate_user:
-        isolation = await asyncio.to_thread(user_isolation)
+        isolation = await pools.work(user_isolation)
     else:
         isolation = None
     out = _CappedOutput(output_cap)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from langchain_core.runnables import RunnableConfig
 from pydantic import BaseModel
 
-from orchestrator import overlay
+from orchestrator import overlay, pools
 from orchestrator.attempts import Attempts
 from orchestrator.config import LoadedConfig, secret_values
 from orchestrator.context import Context
@@ -134,13 +134,13 @@ async def shared_resources(
     repo: Repo, loaded: LoadedConfig, caps: list[Cap] | None = None, batch_id: str | None = None
 ) -> AsyncIterator[Shared]:
     from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
-    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
+    from orchestrator.checkpoints import open_saver
     from orchestrator.llm.limits import Limiter
 
     path = flow_dir(repo) / "checkpoints.sqlite"
-    async with AsyncSqliteSaver.from_conn_string(str(path)) as saver:
-        saver.serde = JsonPlusSerializer(allowed_msgpack_modules=STATE_TYPES)
+    serde = JsonPlusSerializer(allowed_msgpack_modules=STATE_TYPES)
+    async with open_saver(path, serde) as saver:
         yield Shared(
             limiter=Limiter(loaded.config.providers),
             saver=saver,
@@ -161,7 +161,7 @@ async def run_spec(
 ) -> RunResult:
     """Run (or, given the id of an interrupted run, resume) one spec."""
     # git and SQLite work happens in threads: in a batch, every run shares one event loop.
-    base_sha = await asyncio.to_thread(_base_for, spec, loaded, repo, run_id, options)
+    base_sha = await pools.git(_base_for, spec, loaded, repo, run_id, options)
     if shared is None:
         async with shared_resources(repo, loaded) as own:
             return await _run(spec, loaded, repo, events, options, run_id, own, base_sha)
@@ -201,21 +201,21 @@ async def _run(
     saved = await shared.saver.aget_tuple(config)
     resuming = saved is not None
     if resuming:  # the interrupted process may have left its checkouts behind
-        await asyncio.to_thread(remove_run_worktrees, repo, run_id)
-    dirty = await asyncio.to_thread(repo.is_dirty)
+        await pools.git(remove_run_worktrees, repo, run_id)
+    dirty = await pools.git(repo.is_dirty)
     fdir = flow_dir(repo)
     run_dir = fdir / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(fdir / "ledger.sqlite")
+    store = await pools.db(Store, fdir / "ledger.sqlite")
     if shared.batch_id is None:  # a batch sweeps once for all its runs
-        await asyncio.to_thread(sweep_dead_runs, repo, store)
-    ledger = Ledger(fdir / "ledger.sqlite")
+        await pools.git(sweep_dead_runs, repo, store)
+    ledger = await pools.db(Ledger, fdir / "ledger.sqlite")
     redact = Redactor(secret_values(loaded) + environment_secrets(os.environ))
     sink = RedactingSink(events, redact)
     limit = (
         options.budget_usd if options.budget_usd is not None else loaded.config.budget.per_run_usd
     )
-    caps = _caps(store, ledger, run_id, limit, shared)
+    caps = await pools.db(_caps, store, ledger, run_id, limit, shared)
     door = Door(
         loaded,
         run_id=run_id,
@@ -248,7 +248,8 @@ async def _run(
         if dirty
         else None,
     )
-    store.start_run(
+    await pools.db(
+        store.start_run,
         RunRecord(
             run_id=run_id,
             batch_id=shared.batch_id,
@@ -261,8 +262,9 @@ async def _run(
             status="running",
             started=time.time(),
             pid=os.getpid(),
-        )
+        ),
     )
+    spent = await pools.db(ledger.total, run_id)
     sink.emit(
         RunStarted(
             run_id=run_id,
@@ -274,11 +276,11 @@ async def _run(
             reviewers=[r.model for r in loaded.config.stages.reviewers],
             testers=[t.model for t in loaded.config.stages.testers],
             budget_usd=limit,
-            spent_usd=ledger.total(run_id),
+            spent_usd=spent,
         )
     )
     if not resuming:  # the report compares the spend with what was expected at the start
-        trouble = await asyncio.to_thread(
+        trouble = await pools.git(
             _keep_forecast, spec, loaded, repo, base_sha, options, run_dir, shared.batch_id
         )
         if trouble:
@@ -287,9 +289,9 @@ async def _run(
         sink.emit(_finished_builder(run_id, done))
     from orchestrator import sandbox
 
-    if await asyncio.to_thread(sandbox.bwrap) is None:  # said plainly, in the run's first lines
+    if await pools.work(sandbox.bwrap) is None:  # said plainly, in the run's first lines
         sink.emit(Notice(run_id=run_id, level="warning", message=sandbox.describe()))
-    elif await asyncio.to_thread(overlay.unavailable) is not None:
+    elif await pools.work(overlay.unavailable) is not None:
         sink.emit(Notice(run_id=run_id, level="info", message=overlay.describe()))
     from orchestrator.agent_status import login_warnings
 
@@ -305,7 +307,7 @@ async def _run(
             tester_models=[t.model for t in loaded.config.stages.testers],
             reviewers={m: loaded.reviewers_for(m) for m in set(slots)},
             families={name: m.family for name, m in loaded.models.items()},
-            base_branch=await asyncio.to_thread(repo.branch_of, spec.base or "HEAD"),
+            base_branch=await pools.git(repo.branch_of, spec.base or "HEAD"),
         )
     )
     try:
@@ -315,9 +317,10 @@ async def _run(
         ):
             pass
         final: RunState = (await graph.aget_state(config)).values  # type: ignore[assignment]
-        cost = ledger.total(run_id)
+        cost = await pools.db(ledger.total, run_id)
         result = _result(run_id, final, cost, run_dir)
-        store.finish_run(
+        await pools.db(
+            store.finish_run,
             run_id,
             status=result.outcome,
             cost=cost,
@@ -344,10 +347,12 @@ async def _run(
         )
         raise
     finally:
-        if not options.keep_worktrees:
-            remove_run_worktrees(repo, run_id)
-        ledger.close()
-        store.close()
+        try:
+            if not options.keep_worktrees:
+                await _remove_checkouts(repo, run_id)
+        finally:
+            ledger.close()
+            store.close()
     sink.emit(
         RunFinished(
             run_id=run_id,
@@ -360,6 +365,18 @@ async def _run(
         )
     )
     return result
+
+
+async def _remove_checkouts(repo: Repo, run_id: str) -> None:
+    """Off the loop, yet finished when the run is cancelled meanwhile: a stopped run leaves
+    no checkouts behind (the loop waits; the process is stopping anyway)."""
+    try:
+        await pools.git(remove_run_worktrees, repo, run_id)
+    except asyncio.CancelledError:
+        # A checkout may still be in the making on another thread: let it end, then remove.
+        pools.GIT.wait_idle()
+        remove_run_worktrees(repo, run_id)
+        raise
 
 
 def _keep_forecast(

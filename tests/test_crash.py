@@ -105,7 +105,7 @@ def setup(tmp_path: Path, point: str) -> tuple[DemoPaths, list[str], dict[str, s
     return demo, paths, env
 
 
-def flow_batch(demo: DemoPaths, paths: list[str], env: dict[str, str]) -> int:
+def flow_batch(demo: DemoPaths, paths: list[str], env: dict[str, str], *, parallel: int = 1) -> int:
     cmd = [
         sys.executable,
         "-m",
@@ -117,7 +117,7 @@ def flow_batch(demo: DemoPaths, paths: list[str], env: dict[str, str]) -> int:
         "--config",
         str(demo.config),
         "--parallel",
-        "1",
+        str(parallel),
         "--json",
     ]
     with untouched(demo.repo):  # killed or not, the user's state survives
@@ -189,6 +189,42 @@ def test_kill_and_rerun_finishes_the_batch(tmp_path: Path, point: str) -> None:
     assert leftovers == []
     if point == "mid-build":
         assert any(outcome == "replayed" for _, outcome, _, _ in rows)
+
+
+def test_kill_during_a_burst_of_checkpoint_writes_loses_no_finished_work(tmp_path: Path) -> None:
+    """Four runs at once write their checkpoints (WAL, synchronous=NORMAL) while one of them
+    is killed mid-build: the database is whole, and the same command finishes every spec
+    without paying for any reply twice."""
+    demo, _, env = setup(tmp_path, "mid-build")
+    base = git(demo.repo, "rev-parse", "HEAD")
+    paths = []
+    for i in range(4):
+        path = demo.root / f"burst{i}.md"
+        path.write_text(demo.spec.read_text().replace("flow/add-median", f"flow/median-{i}"))
+        paths.append(str(path))
+    first = flow_batch(demo, paths, env, parallel=4)
+    assert first == -signal.SIGKILL
+    db = sqlite3.connect(demo.repo / ".flow" / "checkpoints.sqlite")
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        saved = dict(db.execute("SELECT thread_id, COUNT(*) FROM checkpoints GROUP BY thread_id"))
+    finally:
+        db.close()
+    runs_before = runs(demo)
+    assert len(runs_before) == 4 and sum(saved.values()) >= 4  # all four were under way
+    rows_before = ledger_rows(demo)
+
+    assert flow_batch(demo, paths, env, parallel=4) == 0
+    for i in range(4):
+        assert git(demo.repo, "rev-parse", f"flow/median-{i}^") == base
+    final_runs = runs(demo)
+    assert [r for r, _ in final_runs] == [r for r, _ in runs_before]  # resumed, not restarted
+    assert {s for _, s in final_runs} == {"applied"}
+    rows = ledger_rows(demo)
+    assert rows[: len(rows_before)] == rows_before  # nothing written before the kill was lost
+    paid = Counter(key for _, outcome, key, _ in rows if outcome == "ok")
+    assert all(n == 1 for n in paid.values()), [k for k, n in paid.items() if n > 1]
+    assert any(outcome == "replayed" for _, outcome, _, _ in rows)
 
 
 CAP = 0.265

@@ -9,7 +9,6 @@ scrubbed environment: it can touch whatever files the user running flow can.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import stat
@@ -22,7 +21,7 @@ from typing import Any
 
 import regex
 
-from orchestrator import overlay, sandbox
+from orchestrator import overlay, pools, sandbox
 from orchestrator.llm.messages import ToolCall, ToolSpec
 from orchestrator.proc import run_shell, sandbox_env
 
@@ -282,7 +281,7 @@ class Tools:
         try:
             # Off the event loop, with the GIL released while matching (concurrent=True):
             # every other builder and run of this process goes on meanwhile.
-            return await asyncio.to_thread(
+            return await pools.work(
                 _search, compiled, base, self.root, time.monotonic() + self.search_timeout_s, stop
             )
         except TimeoutError:
@@ -322,7 +321,7 @@ class Tools:
         # `git config --global/--system` writes to the clone, not to the user's own config.
         own = str(self.name / ".git" / "flow-user.gitconfig")
         confine = None
-        if await asyncio.to_thread(sandbox.bwrap) is not None:
+        if await pools.work(sandbox.bwrap) is not None:
             confine = sandbox.confined(self.name, sandbox.borrowed_objects(self.name))
         result = await run_shell(
             command,

@@ -12,13 +12,13 @@ so a replayed conversation asks with the same keys however its outputs were elid
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from orchestrator import pools
 from orchestrator.llm import wire
 from orchestrator.llm.messages import Message, ToolCall, ToolSpec
 from orchestrator.llm.quirks import DEFAULTS, ResolvedQuirks
@@ -73,7 +73,7 @@ class ContextWindow:
     async def fit(self, messages: list[Message], tools: list[ToolSpec] | None) -> int:
         """Elide old tool outputs in place when the request would pass the limit; returns
         the request's tokens as sent."""
-        tokens = await asyncio.to_thread(self.count, messages, tools)
+        tokens = await pools.work(self.count, messages, tools)
         if tokens <= self.limit:
             return tokens
         self.compactions += 1
@@ -100,7 +100,7 @@ class ContextWindow:
             messages[i] = old.model_copy(update={"content": stub})
             self.elided += 1
             self.reads = {k: r for k, r in self.reads.items() if r.index != i}
-        return await asyncio.to_thread(self.count, messages, tools)
+        return await pools.work(self.count, messages, tools)
 
     def tool_result(self, call: ToolCall, text: str, messages: list[Message]) -> str:
         """What goes back to the model for a successful call appended at `len(messages)`."""

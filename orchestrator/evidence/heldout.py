@@ -12,12 +12,11 @@ base with the candidate's (protected) patch and then the tester's files written 
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Literal
 
-from orchestrator import overlay
+from orchestrator import overlay, pools
 from orchestrator.context import Context
 from orchestrator.evidence.protect import is_test_file
 from orchestrator.proc import CommandResult
@@ -98,8 +97,8 @@ async def run_on_base(
     tests: list[HeldOutTest] = []
     try:
         view = not ctx.keep_worktrees  # a kept checkout must outlive flow's process
-        await asyncio.to_thread(ctx.repo.add_worktree, path, base_sha, view=view)
-        await asyncio.to_thread(write_files, overlay.host(path), files)
+        await pools.git(ctx.repo.add_worktree, path, base_sha, view=view)
+        await pools.git(write_files, overlay.host(path), files)
         for t in submitted:
             out = await run_check(ctx, t["command"], path)
             tests.append(
@@ -113,7 +112,7 @@ async def run_on_base(
             )
     finally:
         if not ctx.keep_worktrees:
-            await asyncio.to_thread(ctx.repo.remove_worktree, path)
+            await pools.git(ctx.repo.remove_worktree, path)
     return tests
 
 
@@ -127,12 +126,12 @@ async def run_on_candidate(
     results: list[HeldOutResult] = []
     try:
         view = not ctx.keep_worktrees
-        await asyncio.to_thread(ctx.repo.add_worktree, path, base_sha, view=view)
-        await asyncio.to_thread(apply_patch, path, patch)
+        await pools.git(ctx.repo.add_worktree, path, base_sha, view=view)
+        await pools.git(apply_patch, path, patch)
         for held in heldout:
             if not held.kept:
                 continue
-            await asyncio.to_thread(write_files, overlay.host(path), load_files(ctx, held))
+            await pools.git(write_files, overlay.host(path), load_files(ctx, held))
             for t in held.kept:
                 out = await run_check(ctx, t.command, path)
                 results.append(
@@ -146,7 +145,7 @@ async def run_on_candidate(
                 )
     finally:
         if not ctx.keep_worktrees:
-            await asyncio.to_thread(ctx.repo.remove_worktree, path)
+            await pools.git(ctx.repo.remove_worktree, path)
     return results
 
 

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from urllib.parse import urlparse
 
-from orchestrator import catalog
+from orchestrator import catalog, pools
 from orchestrator.budget import Budget, Reservation
 from orchestrator.config import (
     LoadedConfig,
@@ -279,7 +279,7 @@ class Door:
         if self.ledger is not None:
             stored = self.ledger.cached(rkey)
             if stored is not None:
-                await asyncio.to_thread(self._log, rm, stage, "replayed", Usage(), 0.0, rkey)
+                await pools.db(self._log, rm, stage, "replayed", Usage(), 0.0, rkey)
                 return stored.model_copy(update={"cost_usd": 0.0})
         bucket = self.bucket(rm)
         refused = self._refused.get(bucket) if bucket else None
@@ -344,7 +344,7 @@ class Door:
             stored = self.ledger.cached(rkey)
             if stored is not None:
                 self._occurrence(base)
-                await asyncio.to_thread(self._log, rm, stage, "replayed", Usage(), 0.0, rkey)
+                await pools.db(self._log, rm, stage, "replayed", Usage(), 0.0, rkey)
                 return stored.model_copy(update={"cost_usd": 0.0})
         return None
 
@@ -404,7 +404,7 @@ class Door:
             sent.settle(cost)
             completion = Completion(message=message, usage=usage, cost_usd=cost, model=rm.name)
             # The ledger write (an fsync) happens off the event loop all runs share.
-            await asyncio.to_thread(self._log, rm, stage, "ok", usage, cost, rkey, note, completion)
+            await pools.db(self._log, rm, stage, "ok", usage, cost, rkey, note, completion)
             return completion
 
     async def _failed(
@@ -426,7 +426,7 @@ class Door:
         if charge:
             error = f"{error} (no reply; counted at its worst case, ${charge:.6f})"
         outcome = "retry" if retry else "error"
-        await asyncio.to_thread(self._log, rm, stage, outcome, Usage(), charge, rkey, error)
+        await pools.db(self._log, rm, stage, outcome, Usage(), charge, rkey, error)
         if not retry:
             raise self._provider_error(rm, failure) from None
         delay = self._delay(failure, attempt)

@@ -4,10 +4,9 @@ user's checkout is never touched."""
 
 from __future__ import annotations
 
-import asyncio
-
 from langgraph.runtime import Runtime
 
+from orchestrator import pools
 from orchestrator.commits import candidate_ref, commit_message
 from orchestrator.context import Context
 from orchestrator.errors import WorkspaceError
@@ -30,7 +29,7 @@ async def keep_candidates(ctx: Context, state: RunState) -> list[str]:
         )
         ref = candidate_ref(ctx.run_id, c.index)
         try:
-            await asyncio.to_thread(ctx.repo.keep_candidate, state["base_sha"], patch, ref, message)
+            await pools.git(ctx.repo.keep_candidate, state["base_sha"], patch, ref, message)
         except WorkspaceError as err:
             notes.append(f"candidate #{c.index} not kept as {ref}: {err}")
     return notes
@@ -52,18 +51,13 @@ async def apply(state: RunState, runtime: Runtime[Context]) -> dict[str, object]
     message = ctx.redact(commit_message(ctx.spec.title, winner, ctx.run_id, ctx.spent()))
     branch = ctx.spec.branch
     # Resume after a crash between commit and checkpoint: the branch may already be ours.
-    existing = (
-        ctx.repo.git("for-each-ref", "--format=%(objectname) %(contents)", f"refs/heads/{branch}")
-        if ctx.repo.branch_exists(branch)
-        else ""
-    )
     parent = drift.tip if drift is not None and drift.committed_on == "tip" else state["base_sha"]
-    if existing and f"Flow-Run: {ctx.run_id}" in existing:
-        sha = existing.split()[0]
-        made_on = ctx.repo.git("rev-parse", f"{sha}^")
+    ours = await pools.git(_made_by, ctx, branch)
+    if ours is not None:
+        sha, made_on = ours
         return {"applied": Applied(branch=branch, commit=sha, parent=made_on), "notes": notes}
     try:
-        sha = await asyncio.to_thread(ctx.repo.commit_patch, parent, patch, branch, message)
+        sha = await pools.git(ctx.repo.commit_patch, parent, patch, branch, message)
     except BranchExists:
         # Someone created the branch while we worked: keep the paid-for result under a new name.
         branch = f"{branch}-{ctx.run_id[-6:]}"
@@ -74,5 +68,18 @@ async def apply(state: RunState, runtime: Runtime[Context]) -> dict[str, object]
                 message=f"{ctx.spec.branch} appeared during the run; using {branch}",
             )
         )
-        sha = await asyncio.to_thread(ctx.repo.commit_patch, parent, patch, branch, message)
+        sha = await pools.git(ctx.repo.commit_patch, parent, patch, branch, message)
     return {"applied": Applied(branch=branch, commit=sha, parent=parent), "notes": notes}
+
+
+def _made_by(ctx: Context, branch: str) -> tuple[str, str] | None:
+    """The branch's commit and its parent, if this run made it (before a crash)."""
+    if not ctx.repo.branch_exists(branch):
+        return None
+    existing = ctx.repo.git(
+        "for-each-ref", "--format=%(objectname) %(contents)", f"refs/heads/{branch}"
+    )
+    if not existing or f"Flow-Run: {ctx.run_id}" not in existing:
+        return None
+    sha = existing.split()[0]
+    return sha, ctx.repo.git("rev-parse", f"{sha}^")

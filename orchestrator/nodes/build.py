@@ -3,7 +3,6 @@ its siblings are done (orchestrator/siblings.py), so a sibling is never cancelle
 
 from __future__ import annotations
 
-import asyncio
 import os
 import stat
 from collections.abc import Callable
@@ -12,7 +11,7 @@ from typing import Any, Literal
 
 from langgraph.runtime import Runtime
 
-from orchestrator import overlay
+from orchestrator import overlay, pools
 from orchestrator.agents.builder import Builder, BuildOutcome
 from orchestrator.agents.cli import CliBuilder, cli_for
 from orchestrator.agents.prompts import build_request
@@ -62,7 +61,7 @@ async def _build_and_check(task: BuildTask, ctx: Context) -> dict[str, object]:
         return {**result, "checks": [checks]}
     finally:
         if reuse is not None:
-            await asyncio.to_thread(ctx.repo.remove_worktree, reuse)
+            await pools.git(ctx.repo.remove_worktree, reuse)
         ctx.attempts.finished(passed)
 
 
@@ -123,7 +122,7 @@ async def _build(task: BuildTask, ctx: Context, keep: bool = False) -> dict[str,
     try:
         # A kept checkout must outlive flow's process, which a view does not.
         view = not ctx.keep_worktrees
-        await asyncio.to_thread(ctx.repo.add_worktree, path, task.base_sha, view=view)
+        await pools.git(ctx.repo.add_worktree, path, task.base_sha, view=view)
         settings = ctx.config.config.builder
         tools = Tools(
             path, command_timeout_s=settings.command_timeout_s, output_cap=settings.output_cap_bytes
@@ -176,15 +175,15 @@ async def _build(task: BuildTask, ctx: Context, keep: bool = False) -> dict[str,
                     f"{outcome.turns} turns: {outcome.error}"
                 )
         error = outcome.error
-        patch = await asyncio.to_thread(worktree_diff, path, task.base_sha)
-        patch, dropped = await asyncio.to_thread(_unprotected, ctx, task.base_sha, path, patch)
+        patch = await pools.git(worktree_diff, path, task.base_sha)
+        patch, dropped = await pools.git(_unprotected, ctx, task.base_sha, path, patch)
     except AuthenticationFailed:
         raise
     except Exception as err:  # worktree or diff failure: record it, never cancel siblings
         error = ctx.redact(_short(err))
     finally:
         if not ctx.keep_worktrees and not keep:
-            await asyncio.to_thread(ctx.repo.remove_worktree, path)
+            await pools.git(ctx.repo.remove_worktree, path)
     candidate = _candidate(ctx, task, model.family, outcome, error, patch)
     if agent is not None:
         candidate = candidate.model_copy(update={"agent": agent, "metered": outcome.metered})

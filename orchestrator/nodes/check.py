@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
+from orchestrator import pools
 from orchestrator.config import LoadedConfig, secret_values
 from orchestrator.context import Context
 from orchestrator.errors import WorkspaceError
@@ -79,7 +79,7 @@ async def checks_on(
     results: list[CheckResult] = []
     try:
         view = not ctx.keep_worktrees  # a kept checkout must outlive flow's process
-        await asyncio.to_thread(_checkout, ctx.repo, path, sha, patch, reuse, view)
+        await pools.git(_checkout, ctx.repo, path, sha, patch, reuse, view)
         for position, command in enumerate(ctx.spec.checks, 1):
             ctx.events.emit(
                 CheckStarted(
@@ -113,7 +113,7 @@ async def checks_on(
         )
     finally:
         if not ctx.keep_worktrees:
-            await asyncio.to_thread(ctx.repo.remove_worktree, path)
+            await pools.git(ctx.repo.remove_worktree, path)
     return results
 
 

@@ -12,10 +12,9 @@ repository changes here: throwaway indexes and flow's own checkouts only.
 
 from __future__ import annotations
 
-import asyncio
-
 from langgraph.runtime import Runtime
 
+from orchestrator import pools
 from orchestrator.context import Context
 from orchestrator.events import Notice, StageStarted
 from orchestrator.evidence.protect import protection_for
@@ -32,7 +31,7 @@ async def drift(state: RunState, runtime: Runtime[Context]) -> dict[str, object]
     if selection is None or selection.winner is None or not branch:
         return {}
     base = state["base_sha"]
-    tip = await asyncio.to_thread(ctx.repo.branch_tip, branch)
+    tip = await pools.git(ctx.repo.branch_tip, branch)
     if tip is None:
         note = f"the base branch {branch} was deleted during the run; committing on the base"
         ctx.events.emit(Notice(run_id=ctx.run_id, level="warning", message=note))
@@ -59,7 +58,7 @@ def onto(ctx: Context) -> str:
 async def _judge(ctx: Context, branch: str, base: str, tip: str, patch: bytes, index: int) -> Drift:
     repo = ctx.repo
     onto_tip = onto(ctx) == "tip"
-    commits = await asyncio.to_thread(repo.commits_between, base, tip)
+    commits = await pools.git(repo.commits_between, base, tip)
     moved = (
         f"{branch} moved by {commits} commit{'' if commits == 1 else 's'} during the run "
         f"({base[:12]} → {tip[:12]})"
@@ -69,7 +68,7 @@ async def _judge(ctx: Context, branch: str, base: str, tip: str, patch: bytes, i
     )
     # Where `onto: tip` cannot commit on the tip, the winner goes on the base, saying so.
     refused = f"; committed on the base {base[:12]} instead, where its checks ran"
-    why = await asyncio.to_thread(repo.apply_problem, tip, patch)
+    why = await pools.git(repo.apply_problem, tip, patch)
     if why is not None:
         note = f"{moved}; the winner does not apply cleanly on its tip ({why})"
         if onto_tip:
@@ -83,11 +82,11 @@ async def _judge(ctx: Context, branch: str, base: str, tip: str, patch: bytes, i
             "re-running the checks)"
         )
         return record.model_copy(update={"note": note})
-    tree = await asyncio.to_thread(repo.tree_with, tip, patch)
-    if tree == await asyncio.to_thread(repo.git, "rev-parse", f"{tip}^{{tree}}"):
+    tree = await pools.git(repo.tree_with, tip, patch)
+    if tree == await pools.git(repo.git, "rev-parse", f"{tip}^{{tree}}"):
         note = f"{moved}; its tip already holds the winner's changes" + refused
         return record.model_copy(update={"note": note})
-    touched = await asyncio.to_thread(_protected_at, ctx, repo, tip, tree, patch)
+    touched = await pools.git(_protected_at, ctx, repo, tip, tree, patch)
     if touched:
         note = (
             f"{moved}; on its tip the winner would change protected files "

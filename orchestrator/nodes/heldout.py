@@ -3,12 +3,12 @@ pass their checks are then judged by them (orchestrator/evidence/heldout.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Literal
 
 from langgraph.runtime import Runtime
 
+from orchestrator import pools
 from orchestrator.agents.builder import Builder, BuildOutcome
 from orchestrator.agents.prompts import TESTER_SYSTEM, tester_request
 from orchestrator.agents.tools import TESTER_TOOL_SPECS, Tools
@@ -50,7 +50,7 @@ async def _test(task: TestTask, ctx: Context) -> dict[str, object]:
 
     update(outcome, "starting", "running")
     try:
-        await asyncio.to_thread(ctx.repo.add_worktree, path, task.base_sha)
+        await pools.git(ctx.repo.add_worktree, path, task.base_sha)
         settings = ctx.config.config.builder
         tools = Tools(
             path,
@@ -84,10 +84,8 @@ async def _test(task: TestTask, ctx: Context) -> dict[str, object]:
         if outcome.tests is None:
             held.error = outcome.error or "the tester did not call submit_tests"
         else:
-            base_files = set(await asyncio.to_thread(ctx.repo.files_at, task.base_sha))
-            files, dropped = await asyncio.to_thread(
-                evidence.tester_files, path, task.base_sha, base_files
-            )
+            base_files = set(await pools.git(ctx.repo.files_at, task.base_sha))
+            files, dropped = await pools.git(evidence.tester_files, path, task.base_sha, base_files)
             if dropped:
                 notes.append(
                     f"tester #{task.index} ({task.model}) also changed files that are not "
@@ -109,7 +107,7 @@ async def _test(task: TestTask, ctx: Context) -> dict[str, object]:
         held.error = ctx.redact(str(err).splitlines()[0] if str(err) else repr(err))
     finally:
         if not ctx.keep_worktrees:
-            await asyncio.to_thread(ctx.repo.remove_worktree, path)
+            await pools.git(ctx.repo.remove_worktree, path)
     kept = held.kept
     discarded = len(held.tests) - len(kept)
     fails = sum(t.on_base == "fails" for t in kept)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from langgraph.runtime import Runtime
 from pydantic import ValidationError
 
+from orchestrator import pools
 from orchestrator.agents.prompts import PLANNER_SYSTEM, SUBMIT_PLAN, plan_request, repo_overview
 from orchestrator.context import Context
 from orchestrator.errors import AuthenticationFailed, BudgetExceeded, ProviderError
@@ -34,7 +33,7 @@ async def plan(state: RunState, runtime: Runtime[Context]) -> dict[str, object]:
     messages = [
         Message.system(PLANNER_SYSTEM),
         Message.user(
-            plan_request(ctx.spec.body, await asyncio.to_thread(overview, ctx, state["base_sha"]))
+            plan_request(ctx.spec.body, await pools.git(overview, ctx, state["base_sha"]))
         ),
     ]
     try:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from langgraph.runtime import Runtime
 from pydantic import BaseModel, Field, ValidationError
 
+from orchestrator import pools
 from orchestrator.agents.cli import CliBuilder, cli_for
 from orchestrator.agents.prompts import REVIEWER_SYSTEM, SUBMIT_REVIEW, review_request
 from orchestrator.config import AgentSettings
@@ -135,13 +134,13 @@ async def _cli_review(
     try:
         try:
             view = not ctx.keep_worktrees  # a kept checkout must outlive flow's process
-            await asyncio.to_thread(ctx.repo.add_worktree, path, task.base_sha, view=view)
+            await pools.git(ctx.repo.add_worktree, path, task.base_sha, view=view)
             patch = (ctx.run_dir / cand.patch).read_bytes()
-            await asyncio.to_thread(apply_patch, path, patch)
+            await pools.git(apply_patch, path, patch)
         except (OSError, WorkspaceError) as err:
             raise ValueError(f"no checkout for the {agent} reviewer: {err}") from err
         got = await reviewer.review(prompt, path, dict(SUBMIT_REVIEW.parameters))
     finally:
         if not ctx.keep_worktrees:
-            await asyncio.to_thread(ctx.repo.remove_worktree, path)
+            await pools.git(ctx.repo.remove_worktree, path)
     return got, reviewer.outcome.cost_usd

@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from orchestrator import pools
 from orchestrator.errors import AuthenticationFailed, BudgetExceeded, FlowError, ProviderError
 from orchestrator.llm.messages import Completion
 from orchestrator.protocols import ModelDoor
@@ -165,7 +166,7 @@ class Proxy:
     async def __aexit__(self, *exc: object) -> None:
         for server in (self._httpd, self._unix):
             if server is not None:
-                await asyncio.to_thread(server.shutdown)
+                await pools.work(server.shutdown)
                 server.server_close()
         self._httpd = self._unix = None
         if self._socket_dir is not None:
