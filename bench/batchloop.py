@@ -217,7 +217,6 @@ def idle_between_specs(
     sink: StampSink,
     n_specs: int,
     parallel: int,
-    began: float,
 ) -> float:
     """Idle slot-seconds of the busy period while fewer runs are going than could be: a spec
     waits (or is still starting up) though the batch has room for it."""
@@ -243,7 +242,6 @@ def idle_between_specs(
         room = min(parallel, n_specs - done)
         if going < room:
             total += (concurrency - in_flight) * (b - a)
-    del began
     return total
 
 

@@ -181,8 +181,9 @@ async def bench(
     print(f"bound_calls_per_s={bound:.3f}")
     print(f"server_peak_in_flight={peak}")
     print(f"idle_slot_s_head={head:.2f} middle={middle:.2f} tail={tail:.2f}")
-    between = idle_between_specs(intervals, concurrency, sink, n_specs, parallel, began)
-    print(f"idle_slot_s_between_specs={between:.2f}")
+    if only_calls is None:
+        between = idle_between_specs(intervals, concurrency, sink, n_specs, parallel)
+        print(f"idle_slot_s_between_specs={between:.2f}")
     share = probes.writes.union_s() / wall
     print(
         f"checkpoint_writes={probes.n_writes} wall_share={share:.3f} "
