@@ -17,6 +17,7 @@ from orchestrator import pools
 from orchestrator.config import LoadedConfig
 from orchestrator.errors import FlowError, KeyRefused, WorkspaceError
 from orchestrator.events import BatchFinished, BatchStarted, Notice, SpecSkipped
+from orchestrator.executors import executor_for
 from orchestrator.fmt import usd
 from orchestrator.layers import ConfigSource
 from orchestrator.preflight import branch_free, preflight
@@ -51,6 +52,8 @@ class BatchOptions(ConfigSource):
     keep_worktrees: bool = False
     new: bool = False
     onto_tip: bool = False
+    ray: str | None = None
+    """`--ray [ADDRESS]`: builders and checks on a Ray cluster (`local`: one started here)."""
 
 
 class BatchResult(BaseModel):
@@ -216,7 +219,10 @@ async def run_batch(
                 note = _budget_note(before, options.budget_usd, limit, spent)
                 if note:
                     events.emit(Notice(run_id=rec.batch_id, level="warning", message=note))
-        async with shared_resources(repo, loaded, caps=[cap], batch_id=rec.batch_id) as shared:
+        async with (
+            shared_resources(repo, loaded, caps=[cap], batch_id=rec.batch_id) as shared,
+            executor_for(options.ray, loaded) as shared.executor,
+        ):
             preload = asyncio.ensure_future(_preload(loaded))
             gate = asyncio.Semaphore(max(1, options.parallel))
             ahead = asyncio.Semaphore(max(1, options.parallel))

@@ -416,8 +416,20 @@ def batch(
     new: Annotated[bool, typer.Option("--new", help="start over instead of resuming")] = False,
     onto_tip: OntoTipOpt = False,
     dry_run: DryRunOpt = False,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="[ADDRESS]",
+            help="build and check on a Ray cluster (HOST:PORT or auto); alone: a local Ray",
+        ),
+    ] = None,
 ) -> None:
     """Run many specs under one budget; running the same command again resumes it."""
+    if ray is not None:  # before anything starts: a missing extra is the user's to fix
+        from orchestrator.executors.ray import require_ray
+
+        require_ray(ray)
     repository = _repo(repo)
     layers = _layers(repository, config, profile, set_)
     if dry_run:
@@ -439,6 +451,7 @@ def batch(
         builders=builders,
         new=new,
         onto_tip=onto_tip,
+        ray=ray,
         **layers.source(),
     )
     refuse_early(specs, layers, options)  # a past --until, a budget too small: before the view
@@ -795,9 +808,23 @@ def _usage_error() -> type[Exception]:
     return typer.BadParameter
 
 
+def _bare_ray(argv: list[str]) -> list[str]:
+    """`--ray` takes an optional address (click options cannot): alone, or before something
+    that is no address (a spec, an option), it means a local Ray instance."""
+    import re
+
+    address = re.compile(r"^(auto|local|ray://\S+|[\w.\-]+:\d+)$")
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--ray" and (i + 1 == len(out) or not address.match(out[i + 1])):
+            out[i] = "--ray=local"
+    return out
+
+
 def main() -> None:
     import signal
 
+    sys.argv = _bare_ray(sys.argv)
     debug = "--debug" in sys.argv
     signal.signal(signal.SIGTERM, _terminate)
     usage_error = _usage_error()

@@ -178,6 +178,17 @@ class CheckSettings(_Strict):
     env: list[str] = Field(default_factory=list)
     """Variables the checks get although their names look secret (a test database's password);
     never one that agents.yaml reads a model key from."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Under `--ray`: what one candidate's checks hold on a node (`{num_cpus: 2}`, a custom
+    resource); builders hold one CPU. Ignored by the local executor."""
+
+    @field_validator("resources")
+    @classmethod
+    def _amounts(cls, wanted: dict[str, float]) -> dict[str, float]:
+        for name, amount in wanted.items():
+            if amount < 0:
+                raise ValueError(f"{name}: {amount} is negative; give 0 or more")
+        return wanted
 
     @field_validator("env")
     @classmethod
@@ -189,6 +200,17 @@ class CheckSettings(_Strict):
                     "(letters, digits and _, not starting with a digit)"
                 )
         return names
+
+
+class RaySettings(_Strict):
+    address: str | None = None
+    """A running cluster (`HOST:PORT` of its head, or `auto`); none: a local Ray instance is
+    started for the batch and stopped after it."""
+
+
+class ExecutorSettings(_Strict):
+    ray: RaySettings | None = None
+    """Run the batch's builders and checks on Ray (as `flow batch --ray`)."""
 
 
 class ApplySettings(_Strict):
@@ -213,6 +235,8 @@ class Config(_Strict):
     """`required`: refuse to run where bubblewrap cannot confine builder commands."""
     apply: ApplySettings = Field(default_factory=ApplySettings)
     """Where the winner is committed when the base branch moved during the run."""
+    executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
+    """Where builders and checks run: here (default) or on a Ray cluster."""
     reviews: Literal["required", "optional"] = "required"
     """`required`: with reviewers configured, a candidate no review completed for (all failed,
     refused by the budget) is not applied; `optional`: the checks alone may decide."""
@@ -752,6 +776,11 @@ def load_config(path: Path) -> LoadedConfig:
     loaded = parse_config(data, str(path), path.parent.resolve(), where)
     loaded.path = path
     return loaded
+
+
+def looks_like_variable(api_key: str) -> bool:
+    """An `api_key` written as an environment variable's name, not as the key itself."""
+    return bool(_ENV_NAME.match(api_key))
 
 
 def resolve_api_key(model: ResolvedModel, environ: dict[str, str] | None = None) -> str | None:

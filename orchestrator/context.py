@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchestrator.attempts import Attempts
 from orchestrator.config import LoadedConfig
@@ -14,6 +15,9 @@ from orchestrator.redact import Redactor
 from orchestrator.siblings import Siblings
 from orchestrator.spec import Spec
 from orchestrator.workspace import Repo
+
+if TYPE_CHECKING:
+    from orchestrator.executors import Executor
 
 
 @dataclass
@@ -42,6 +46,8 @@ class Context:
     """This process continues an interrupted run."""
     login_gates: dict[str, asyncio.Semaphore] = field(default_factory=dict)
     """Per agent CLI: how many runs on the user's own login may run at once."""
+    executor: Executor | None = None
+    """Where candidates are built and checked when not here (`flow batch --ray`)."""
 
     def login_gate(self, agent: str, size: int) -> asyncio.Semaphore:
         return self.login_gates.setdefault(agent, asyncio.Semaphore(size))

@@ -53,6 +53,7 @@ from orchestrator.workspace import Repo, flow_dir, remove_run_worktrees, worktre
 
 if TYPE_CHECKING:
     from orchestrator.budget import Cap
+    from orchestrator.executors import Executor
     from orchestrator.llm.limits import Limiter
 
 STATE_TYPES = [
@@ -104,6 +105,8 @@ class Shared:
     saver: Any
     caps: list[Cap] = field(default_factory=list)
     batch_id: str | None = None
+    executor: Executor | None = None
+    """Where candidates are built and checked; None: here."""
 
 
 class RedactingSink:
@@ -240,6 +243,7 @@ async def _run(
         keep_worktrees=options.keep_worktrees,
         onto_tip=options.onto_tip,
         resuming=resuming,
+        executor=shared.executor,
         attempts=Attempts(_enough(spec, loaded, len(slots)), passed=_passed_before(saved)),
         dirty_note=(
             "the working tree had uncommitted changes; they were not included "
@@ -348,6 +352,8 @@ async def _run(
         raise
     finally:
         try:
+            if shared.executor is not None:
+                await shared.executor.close_run(run_id)
             if not options.keep_worktrees:
                 await _remove_checkouts(repo, run_id)
         finally:

@@ -47,6 +47,15 @@ async def build(task: BuildTask, runtime: Runtime[Context]) -> dict[str, object]
 async def _build_and_check(task: BuildTask, ctx: Context) -> dict[str, object]:
     if not await ctx.attempts.start(task.index):
         return _not_started(ctx, task)
+    if ctx.executor is not None:  # built and checked on another node (orchestrator/executors)
+        passed = False
+        try:
+            built = await ctx.executor.candidate(task, ctx)
+            done = built.get("checks")
+            passed = isinstance(done, list) and any(c.passed for c in done)
+            return built
+        finally:
+            ctx.attempts.finished(passed)
     passed = False
     # Unless the user keeps the builders' checkouts, the checks run in the builder's own,
     # reset to base + the candidate's patch: one checkout per candidate, not two.
@@ -92,6 +101,12 @@ def _not_started(ctx: Context, task: BuildTask) -> dict[str, object]:
         f"already passed their checks (enough: {ctx.attempts.enough}); {bound}"
     )
     return {"candidates": [candidate], "notes": [note]}
+
+
+async def build_candidate(task: BuildTask, ctx: Context) -> dict[str, Any]:
+    """One builder's candidate (its patch and transcript under `ctx.run_dir`), unchecked;
+    its checkout is removed after (a Ray node's build, orchestrator/executors/node.py)."""
+    return await _build(task, ctx)
 
 
 async def _build(task: BuildTask, ctx: Context, keep: bool = False) -> dict[str, Any]:
