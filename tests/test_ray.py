@@ -1,7 +1,7 @@
-"""flow batch on a real Ray cluster of several nodes on this machine (tests/raycluster.py):
-the driver keeps the door, the ledger, the caps and the keys; builds and checks run on the
-worker nodes. Judged by the test server's own count and bill, the user's repository, the
-nodes' processes and files."""
+"""flow batch on a real Ray cluster of several nodes on this machine
+(orchestrator/testing/raycluster.py): the driver keeps the door, the ledger, the caps and the
+keys; builds and checks run on the worker nodes. Judged by the test server's own count and
+bill, the user's repository, the nodes' processes and files."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ import pytest
 import yaml
 
 from orchestrator.demo import DemoPaths, prepare_demo
+from orchestrator.executors.node import sweep
 from orchestrator.testing import ChatServer, ServerReply, scripted_handler
 from orchestrator.testing.demo_http import demo_scripts, http_config
+from orchestrator.testing.raycluster import RAY, Cluster, quiet_env
 from tests.conftest import assert_untouched, git, repo_state
-from tests.raycluster import RAY, Cluster, quiet_env
 
 KEY = "sk-ray-test-4f1c9a77e2b04d5e"
 PRICE = (3.0, 15.0)  # USD per million input and output tokens, in flow's config
@@ -190,9 +191,10 @@ def test_a_worker_node_killed_mid_build_buys_no_reply_twice(
             proc = flow_batch(demo, config, specs, 1.0, ["--ray", cluster.address], tmp_path)
             assert gate.hit.wait(180), "the builder's second call never came"
             node_a.kill()  # mid-build: its first reply paid, its second in flight
-            cluster.add_node("node-b")
+            node_b = cluster.add_node("node-b")
             gate.release.set()
             events = finish(proc)
+            left = sorted((node_a.home / ".cache" / "flow" / "ray-work").iterdir())
     finally:
         gate.release.set()
         cluster.stop()
@@ -204,6 +206,10 @@ def test_a_worker_node_killed_mid_build_buys_no_reply_twice(
     # from the ledger, the one in flight was waited for.
     assert len(gate.bodies) == len(set(gate.bodies)), "a reply was bought twice"
     assert srv.billed_usd <= 1.0
+    # The killed node's checkouts stay until it returns: its next work sweeps them first.
+    assert left, "the killed node left no scratch to clean"
+    assert sorted(sweep(node_a.home / ".cache" / "flow" / "ray-work")) == left
+    assert list((node_b.home / ".cache" / "flow" / "ray-work").iterdir()) == []
 
 
 def test_bare_ray_starts_a_local_instance_without_the_keys(demo: DemoPaths, tmp_path: Path) -> None:

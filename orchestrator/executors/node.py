@@ -123,7 +123,8 @@ def _on_node(job: Job, bundle: bytes, work: Any) -> tuple[Any, dict[str, bytes]]
     repo = node_repo(bundle, job.base_sha)
     top = cache_root() / "ray-work"
     top.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f"{job.run_id}-", dir=top))
+    sweep(top)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-{job.run_id}-", dir=top))
     try:
         run_dir = scratch / "run"
         run_dir.mkdir()
@@ -148,6 +149,28 @@ def _on_node(job: Job, bundle: bytes, work: Any) -> tuple[Any, dict[str, bytes]]
         return result, files
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def sweep(top: Path) -> list[Path]:
+    """Remove the scratch of work whose process is gone (its node was killed, or the
+    machine restarted): done by the next work on the node. Returns what was removed."""
+    gone = []
+    for path in top.iterdir():
+        pid = path.name.split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            gone.append(path)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 async def _then_flushed(job: Job, work: Any) -> Any:

@@ -43,7 +43,7 @@ def quiet_env(home: Path) -> dict[str, str]:
         http_proxy="http://127.0.0.1:9",
         https_proxy="http://127.0.0.1:9",
         no_proxy="127.0.0.1,localhost",
-        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+        PYTHONPATH=str(Path(__file__).resolve().parents[2]),  # this checkout of flow
     )
     return env
 
@@ -55,19 +55,25 @@ class Node:
     proc: subprocess.Popen[bytes]
 
     def pids(self) -> list[int]:
-        """Every live process of this node (its process group)."""
+        """Every live process of this node, known by the HOME only this node's processes
+        have (Ray starts its workers in process groups of their own)."""
+        mark = f"HOME={self.home}".encode() + b"\0"
         out = []
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
                 try:
-                    if os.getpgid(int(entry.name)) == self.proc.pid:
-                        out.append(int(entry.name))
-                except ProcessLookupError:
+                    env = (entry / "environ").read_bytes()
+                except OSError:
                     continue
+                if env.startswith(mark) or b"\0" + mark in env:
+                    out.append(int(entry.name))
         return out
 
     def kill(self) -> None:
-        """kill -9 of the whole node: raylet, object store, its workers."""
+        """kill -9 of every process of the node at once: raylet, object store, workers."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
