@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -336,11 +337,13 @@ async def _recheck(
 
 
 async def _preload(loaded: LoadedConfig) -> None:
-    """litellm's import (seconds) while the first specs start, unless no model needs it."""
+    """litellm's import (seconds) while the first specs start, unless no model needs it.
+    A failure is left to the first call, which reports it where it belongs."""
     if any(not m.scripted for m in loaded.models.values()):
         from orchestrator.llm import wire
 
-        await wire.warm_up()
+        with contextlib.suppress(Exception):
+            await wire.warm_up()
 
 
 async def _one(

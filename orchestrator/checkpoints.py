@@ -2,7 +2,7 @@
 
 LangGraph's async saver serializes on the event loop and makes every write several round
 trips through aiosqlite's one thread under one asyncio lock, each waiting for a loop all runs
-share: in a batch a checkpoint write took ~35 ms of wall time for ~0.5 ms of SQLite. Here a
+share: in a batch a checkpoint write took 12–148 ms of wall time for ~0.5 ms of SQLite. Here a
 write (serialization, insert, commit) is one job on flow's `db` pool through a connection of
 its own; reads stay on the async saver's connection (WAL: they see every committed write).
 

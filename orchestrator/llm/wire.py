@@ -394,7 +394,11 @@ async def warm_up() -> None:
     loading = _loading.get(loop)
     if loading is None:
         loading = _loading[loop] = asyncio.ensure_future(pools.work(_load_for_calls))
-    await asyncio.shield(loading)
+    try:
+        await asyncio.shield(loading)
+    except Exception:
+        _loading.pop(loop, None)  # the next call tries again
+        raise
     _loaded = True
 
 
