@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orchestrator import pools
 from orchestrator.config import LoadedConfig, secret_values
 from orchestrator.errors import FlowError
 from orchestrator.events import Notice
@@ -240,7 +241,7 @@ class RayExecutor:
     async def _bundle(self, ctx: Context, base_sha: str) -> Any:
         key = (str(ctx.repo.git_dir), base_sha)
         if key not in self._bundles:
-            data = await asyncio.to_thread(bundle_of, ctx.repo.git_dir, base_sha)
+            data = await pools.git(bundle_of, ctx.repo.git_dir, base_sha)
             self._bundles[key] = self.ray.put(data)
         return self._bundles[key]
 
