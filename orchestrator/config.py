@@ -206,6 +206,9 @@ class RaySettings(_Strict):
     address: str | None = None
     """A running cluster (`HOST:PORT` of its head, or `auto`); none: a local Ray instance is
     started for the batch and stopped after it."""
+    builder_resources: dict[str, float] = Field(default_factory=lambda: {"num_cpus": 1.0})
+    """What one builder holds on a node while it works (it mostly waits for its model: a
+    fraction of a CPU lets more builders share a node); the checks hold `checks.resources`."""
 
 
 class ExecutorSettings(_Strict):

@@ -52,4 +52,8 @@ async def executor_for(ray: str | None, loaded: LoadedConfig) -> AsyncIterator[E
             address = stack.enter_context(on_ray.local_head(loaded, scratch))
         on_ray.connect(address)
         stack.callback(on_ray.disconnect)
-        yield on_ray.RayExecutor()
+        executor = on_ray.RayExecutor()
+        try:
+            yield executor
+        finally:
+            await executor.close()

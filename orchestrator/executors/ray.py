@@ -143,12 +143,12 @@ class RayExecutor:
     async def candidate(self, task: BuildTask, ctx: Context) -> dict[str, object]:
         run = await self._run_for(ctx, task.base_sha)
         job = self._job(ctx, task.base_sha, run)
+        settings = ctx.config.config.executor.ray
+        holds = _options(settings.builder_resources if settings else {"num_cpus": 1.0})
         update, files = await self._retrying(
             ctx,
             f"build-{task.index}",
-            lambda attempt: self._build.options(num_cpus=1, max_retries=0).remote(
-                job(attempt), run.bundle, task
-            ),
+            lambda attempt: self._build.options(**holds).remote(job(attempt), run.bundle, task),
             run,
         )
         for rel, data in files.items():
@@ -166,13 +166,7 @@ class RayExecutor:
 
             return {**update, "checks": [await check_candidate(ctx, cand, task.base_sha)]}
         patch = (ctx.run_dir / cand.patch).read_bytes()
-        resources = dict(ctx.config.config.checks.resources)
-        options = {
-            "num_cpus": resources.pop("num_cpus", 1),
-            "num_gpus": resources.pop("num_gpus", 0),
-            "resources": resources,
-            "max_retries": 0,
-        }
+        options = _options(ctx.config.config.checks.resources)
         checks = await self._retrying(
             ctx,
             f"check-{task.index}",
@@ -245,10 +239,19 @@ class RayExecutor:
             self._bundles[key] = self.ray.put(data)
         return self._bundles[key]
 
+    async def close(self) -> None:
+        """The batch is over: every run's relay and serving task are let go."""
+        for run_id in list(self._runs):
+            await self.close_run(run_id)
+
     async def _serve(self, ctx: Context, run: _Run) -> None:
         """Take what the run's nodes sent: events to the sink, calls to the door."""
         while True:
-            for kind, number, attempt, item in await run.relay.take.remote():
+            try:
+                items = await run.relay.take.remote()
+            except self.ray.exceptions.RayActorError:
+                return  # the relay is gone: the run or the driver is ending
+            for kind, number, attempt, item in items:
                 if kind == "event":
                     ctx.events.emit(item)
                 elif kind == "barrier":
@@ -296,6 +299,18 @@ class RayExecutor:
             scope=call.scope,
             fallbacks=call.fallbacks,
         )
+
+
+def _options(wanted: dict[str, float]) -> dict[str, Any]:
+    """Ray task options for what a piece of work holds (one CPU unless it says otherwise);
+    Ray does not retry it: a lost node's work is started again here, as a new attempt."""
+    rest = dict(wanted)
+    return {
+        "num_cpus": rest.pop("num_cpus", 1.0),
+        "num_gpus": rest.pop("num_gpus", 0.0),
+        "resources": rest,
+        "max_retries": 0,
+    }
 
 
 def _sibling_door(ctx: Context) -> Door:

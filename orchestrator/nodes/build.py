@@ -47,7 +47,8 @@ async def build(task: BuildTask, runtime: Runtime[Context]) -> dict[str, object]
 async def _build_and_check(task: BuildTask, ctx: Context) -> dict[str, object]:
     if not await ctx.attempts.start(task.index):
         return _not_started(ctx, task)
-    if ctx.executor is not None:  # built and checked on another node (orchestrator/executors)
+    if ctx.executor is not None and ctx.config.builder_agent(task.index) is None:
+        # Built and checked on another node (orchestrator/executors); agent CLIs stay here.
         passed = False
         try:
             built = await ctx.executor.candidate(task, ctx)
