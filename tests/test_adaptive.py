@@ -8,7 +8,12 @@ first candidate's check writes that a still-running sibling waits for.
 
 from __future__ import annotations
 
+import json
+import shutil
 import sqlite3
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -83,31 +88,47 @@ def test_enough_in_agents_yaml_applies_and_the_spec_count_caps_the_attempts(
 
 
 def test_a_finished_candidate_is_checked_while_a_sibling_still_builds(tmp_path: Path) -> None:
-    """The slow builder waits for a file the fast candidate's check writes into its checkout;
-    with checks run only after every builder, it would wait until its command timed out."""
-    waits = [
-        reply(
-            call(
-                "run",
-                command="timeout 60 sh -c 'until [ -f checked ]; do sleep 0.05; done' "
-                "&& echo seen > seen.txt",
-            )
-        ),
-        reply(append("stats.py", HONEST)),
-        FINISH,
-    ]
-    demo = prepare_demo(tmp_path)
-    text = demo.spec.read_text().replace(
-        "  - python3 -m unittest -q\n",
-        "  - touch ../build-1/checked && python3 -m unittest -q\n",
-        1,
-    )
-    demo.spec.write_text(text)
-    config = scripted_config(tmp_path, {"fast": RIGHT, "slow": waits})
-    out = flow_in(demo.repo, "run", str(demo.spec), "--config", str(config))
-    assert out.returncode == 0, out.stdout + out.stderr
-    patch = next((demo.repo / ".flow" / "runs").glob("*/candidates/build-1.patch")).read_text()
-    assert "+seen" in patch
+    """The slow builder waits for a file the test writes only once the fast candidate's
+    check has started (seen in the run's own events); with checks run only after every
+    builder, it would wait until its command timed out. The file lies outside /tmp, where
+    the builder's sandbox sees it read-only: no checkout can reach a sibling's."""
+    signal = Path(tempfile.mkdtemp(prefix="flow-adaptive-", dir="/var/tmp"))
+    try:
+        waits = [
+            reply(
+                call(
+                    "run",
+                    command=f"timeout 60 sh -c 'until [ -f {signal}/checked ]; do sleep 0.05; "
+                    "done' && echo seen > seen.txt",
+                )
+            ),
+            reply(append("stats.py", HONEST)),
+            FINISH,
+        ]
+        demo = prepare_demo(tmp_path)
+        config = scripted_config(tmp_path, {"fast": RIGHT, "slow": waits})
+        cmd = [sys.executable, "-m", "orchestrator", "run", str(demo.spec), "--json"]
+        proc = subprocess.Popen(
+            [*cmd, "--config", str(config)],
+            cwd=demo.repo,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        seen_check = False
+        for line in proc.stdout:
+            event = json.loads(line) if line.startswith("{") else {}
+            if event.get("kind") == "check_started" and event.get("candidate") == 0:
+                seen_check = True
+                (signal / "checked").touch()
+        assert proc.wait(timeout=120) == 0, proc.stderr.read() if proc.stderr else ""
+        assert seen_check
+        runs = demo.repo / ".flow" / "runs"
+        patch = next(runs.glob("*/candidates/build-1.patch")).read_text()
+        assert "+seen" in patch
+    finally:
+        shutil.rmtree(signal, ignore_errors=True)
 
 
 def test_builders_attempts_are_validated(tmp_path: Path) -> None:
