@@ -16,9 +16,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator import overlay
 from orchestrator.errors import FlowError
 from orchestrator.store import Store
-from orchestrator.workspace import _SHADOW_SUFFIX, Repo, _remove_tree, cache_root, worktree_dir
+from orchestrator.workspace import (
+    _SHADOW_SUFFIX,
+    BASES,
+    Repo,
+    _remove_tree,
+    cache_root,
+    worktree_dir,
+)
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNIT = {"": 86400, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -190,6 +198,23 @@ def _checkouts(repo: Repo | None, cutoff: float, now: float, out: Cleanup) -> No
             )
 
 
+def _bases(cutoff: float, now: float, out: Cleanup) -> None:
+    """Checkouts of base commits that overlay views lie over, which no process holds."""
+    top = cache_root() / BASES
+    if not top.is_dir():
+        return
+    for digest_dir in sorted(p for p in top.iterdir() if p.is_dir() and not p.is_symlink()):
+        for base in sorted(p for p in digest_dir.iterdir() if p.is_dir() and not p.is_symlink()):
+            if overlay.in_use(base.with_name(f"{base.name}.lock")):
+                out.kept.append(f"{base}: a run is using this base")
+                continue
+            when = _mtime(base / "done") or _mtime(base)
+            if when > cutoff:
+                continue
+            what = f"the base checkout of {base.name[:12]} that views lie over"
+            out.removable.append(Found(base, what, now - when, 0))
+
+
 def _demos(cutoff: float, now: float, out: Cleanup) -> None:
     temp = Path(tempfile.gettempdir())
     for root in sorted(temp.glob("flow-demo-*")):
@@ -213,6 +238,7 @@ def find(repo: Repo | None, older_than_s: float, now: float | None = None) -> Cl
     if repo is not None:
         _run_files(repo.root, _Runs.of(repo.root), cutoff, now, out)
     _checkouts(repo, cutoff, now, out)
+    _bases(cutoff, now, out)
     _demos(cutoff, now, out)
     for found in out.removable:
         if not found.size:

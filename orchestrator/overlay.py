@@ -23,11 +23,13 @@ Where overlays do not work (an old kernel, user namespaces disabled, no overlayf
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +73,7 @@ class View:
 
 
 _views: dict[Path, View] = {}
+_held: dict[Path, int] = {}
 _probed: list[str | None] = []
 _probe_lock = threading.Lock()
 _lock = threading.Lock()
@@ -182,6 +185,80 @@ def state_dir(checkout: Path) -> Path:
 def base_lock(base: Path) -> threading.Lock:
     with _lock:
         return _base_locks.setdefault(base, threading.Lock())
+
+
+def hold(lock: Path, ready: Callable[[], bool], make: Callable[[], None]) -> None:
+    """Make what `lock` guards unless `ready()` (under an exclusive lock: one process makes
+    it), then keep it in use (a shared lock) until this process ends, however it ends.
+    `in_use` is how `flow clean` and other runs tell; the lock file itself is never deleted."""
+    with _lock:
+        if lock in _held:
+            return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        while True:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if not ready():
+                make()
+            fcntl.flock(fd, fcntl.LOCK_SH)  # not atomic: another process may clean between
+            if ready():
+                break
+    except BaseException:
+        os.close(fd)
+        raise
+    with _lock:
+        _held[lock] = fd
+
+
+def in_use(lock: Path) -> bool:
+    """Whether some process holds `lock` (see `hold`)."""
+    return not _try_exclusive(lock, lambda: None)
+
+
+def _try_exclusive(lock: Path, then: Callable[[], None]) -> bool:
+    """Run `then` under `lock` exclusively if nobody holds it; False if somebody does."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        then()
+        return True
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        then()
+        return True
+    finally:
+        os.close(fd)
+
+
+def reclaim(locks: list[tuple[Path, Path]]) -> threading.Thread:
+    """Delete each (lock, directory) nobody holds, in the background: renamed at once, then
+    removed file by file, so no run waits for it. A deletion cut short by flow's exit leaves a
+    `.trash-*` directory that the next reclaim (or `flow clean`) removes."""
+
+    def work() -> None:
+        trash: list[Path] = []
+        for lock, directory in locks:
+            if directory.name.startswith(".trash-"):
+                trash.append(directory)
+                continue
+            target = directory.with_name(f".trash-{directory.name}-{os.getpid()}")
+
+            def move(src: Path = directory, dst: Path = target) -> None:
+                with contextlib.suppress(OSError):
+                    src.rename(dst)
+                    trash.append(dst)
+
+            _try_exclusive(lock, move)
+        for path in trash:
+            _wipe(path)
+
+    thread = threading.Thread(target=work, name="flow-reclaim", daemon=True)
+    thread.start()
+    return thread
 
 
 def mount(base: Path, name: Path) -> View:

@@ -314,10 +314,10 @@ class Repo:
         `overlay.host(path)` and programs run in it under `overlay.enter(path)`.
         """
         path = Path(path).resolve()
-        if view and overlay.unavailable() is None:
-            return self._add_view(path, sha)
         if path == self.root or path.is_relative_to(self.root) or self.root.is_relative_to(path):
             raise WorkspaceError(f"{path}: a builder's checkout must lie outside {self.root}")
+        if view and overlay.unavailable() is None:
+            return self._add_view(path, sha)
         if path.is_dir() and (path / ".git").exists():
             _remove_tree(path)  # a checkout left by a crashed or interrupted run
         elif path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -331,8 +331,12 @@ class Repo:
         return path
 
     def _add_view(self, path: Path, sha: str) -> Path:
+        base = self._base(sha)
+        # A view's mount point is an empty directory outside its namespace.
+        ours = overlay.view_of(path) is not None or (path / ".git").exists()
+        if not ours and path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise WorkspaceError(f"{path} exists and is not a checkout of flow's; remove it")
         self.remove_worktree(path)  # a view or checkout left by an interrupted attempt
-        base = self._base(overlay.state_dir(path) / f"base-{sha}", sha)
         try:
             shutil.copytree(shadow_dir(base), shadow_dir(path))
             overlay.mount(base, path)
@@ -341,14 +345,16 @@ class Repo:
             raise
         return path
 
-    def _base(self, base: Path, sha: str) -> Path:
-        """The run's one checkout of `sha` that views lie over; made once, then read-only."""
-        done = base.with_name(base.name + ".done")
-        with overlay.base_lock(base):
-            if done.is_file():
-                return base
-            self.remove_worktree(base)
-            base.parent.mkdir(parents=True, exist_ok=True)
+    def _base(self, sha: str) -> Path:
+        """The one checkout of `sha` that views lie over: made once, by one process, then only
+        read; kept between runs (a batch's specs on one base share it) while a run uses it,
+        and deleted in the background once none does and another base is made."""
+        top = base_dir(self, sha)
+        base, done = top / "tree", top / "done"
+
+        def make() -> None:
+            _remove_tree(top)
+            top.mkdir(parents=True)
             try:
                 self._clone(base, sha)
                 # Rewritten after every file: no entry is racily clean, so a view's first
@@ -356,9 +362,21 @@ class Repo:
                 _safe(base, ("update-index", "-q", "--refresh"), _checkout_env(base))
                 shutil.copyfile(shadow_dir(base) / "index", base / ".git" / "index")
             except BaseException:
-                self.remove_worktree(base)
+                _remove_tree(top)
                 raise
             done.write_text(f"{sha}\n", encoding="utf-8")
+            others = [
+                (p.with_name(p.name + ".lock"), p)
+                for p in top.parent.iterdir()
+                if p.is_dir() and p.name != sha and not p.is_symlink()
+            ]
+            if others:
+                overlay.reclaim(others)
+
+        with overlay.base_lock(base):
+            overlay.hold(top.with_name(f"{sha}.lock"), done.is_file, make)
+        with contextlib.suppress(OSError):
+            os.utime(done)  # `flow clean` keeps what was used lately
         return base
 
     def _clone(self, path: Path, sha: str) -> None:
@@ -724,8 +742,20 @@ def worktree_dir(repo: Repo, run_id: str) -> Path:
     """Where a run's worktrees live: in the user's cache, never inside the repository."""
     if not run_id or "/" in run_id or "\\" in run_id or run_id in (".", ".."):
         raise WorkspaceError(f"run id '{run_id}' cannot name a directory")
-    digest = hashlib.sha256(str(repo.root).encode()).hexdigest()[:12]
-    return cache_root() / "worktrees" / digest / run_id
+    return cache_root() / "worktrees" / _digest(repo) / run_id
+
+
+BASES = "bases"
+"""Under the cache: the checkouts of base commits that overlay views lie over."""
+
+
+def base_dir(repo: Repo, sha: str) -> Path:
+    """Where the views of commit `sha` find their base (its `tree/`, flow's git dir, `done`)."""
+    return cache_root() / BASES / _digest(repo) / sha
+
+
+def _digest(repo: Repo) -> str:
+    return hashlib.sha256(str(repo.root).encode()).hexdigest()[:12]
 
 
 def remove_run_worktrees(repo: Repo, run_id: str) -> int:

@@ -30,6 +30,19 @@ def git(cwd: Path, *args: str) -> str:
 MakeRepo = Callable[..., Path]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """flow's cache (checkouts, the bases overlay views share) in the session's temp dir, not
+    the user's: bases are kept between runs."""
+    old = os.environ.get("FLOW_CACHE_DIR")
+    os.environ["FLOW_CACHE_DIR"] = str(tmp_path_factory.mktemp("flow-cache"))
+    yield
+    if old is None:
+        os.environ.pop("FLOW_CACHE_DIR", None)
+    else:
+        os.environ["FLOW_CACHE_DIR"] = old
+
+
 @pytest.fixture
 def make_repo(tmp_path: Path) -> MakeRepo:
     """Create a git repository with an identity and one commit of `files`."""

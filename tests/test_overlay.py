@@ -20,10 +20,16 @@ from typing import Any
 import pytest
 from conftest import MakeRepo, git, untouched
 
-from orchestrator import overlay
+from orchestrator import clean, overlay
 from orchestrator.agents.tools import ToolError, Tools
 from orchestrator.llm.messages import Message, ToolSpec
-from orchestrator.workspace import Repo, remove_run_worktrees, worktree_diff, worktree_dir
+from orchestrator.workspace import (
+    Repo,
+    base_dir,
+    remove_run_worktrees,
+    worktree_diff,
+    worktree_dir,
+)
 
 FILES = {
     "a.txt": "alpha\n",
@@ -99,7 +105,7 @@ def test_a_view_round_trips_every_kind_of_change_like_a_plain_checkout(
         view = repo.add_worktree(tmp_path / "run" / "build-1", sha, view=True)
         assert overlay.view_of(view) is not None and not (view / ".git").exists()
         # Even unconfined, a program in the view's namespace finds the base read-only.
-        base = tmp_path / "run" / overlay.STATE_DIR / f"base-{sha}"
+        base = base_dir(repo, sha) / "tree"
         denied = _sh(view, f"echo owned > {base}/a.txt")
         assert denied.returncode != 0 and "Read-only file system" in denied.stderr
         for where in (plain, view):
@@ -121,8 +127,12 @@ def test_a_view_round_trips_every_kind_of_change_like_a_plain_checkout(
         _assert_is_base(repo, sha, sibling)
         repo.reuse_worktree(view, tmp_path / "run" / "check-1", sha, patch)
         assert worktree_diff(tmp_path / "run" / "check-1", sha) == patch
-        bases = list((tmp_path / "run" / overlay.STATE_DIR).glob("base-*.done"))
-        assert len(bases) == 1  # materialized once for the three views
+        # Materialized once for the three views, and again for none in another run.
+        made = (base / "a.txt").stat().st_ino
+        other = repo.add_worktree(tmp_path / "run2" / "build-1", sha, view=True)
+        assert (base / "a.txt").stat().st_ino == made
+        assert sorted(p.name for p in base_dir(repo, sha).parent.iterdir()) == [sha, f"{sha}.lock"]
+        repo.remove_worktree(other)
         for path in (plain, sibling, tmp_path / "run" / "check-1"):
             repo.remove_worktree(path)
         assert overlay.view_of(sibling) is None
@@ -132,15 +142,16 @@ def test_flows_own_file_tools_cannot_reach_the_base(make_repo: MakeRepo, tmp_pat
     repo, sha = _repo(make_repo)
     view = repo.add_worktree(tmp_path / "run" / "build-1", sha, view=True)
     sibling = repo.add_worktree(tmp_path / "run" / "build-2", sha, view=True)
-    base = tmp_path / "run" / overlay.STATE_DIR / f"base-{sha}"
+    base = base_dir(repo, sha) / "tree"
     assert base.is_dir()
     tools = Tools(view, command_timeout_s=20, output_cap=10_000)
+    up = os.path.relpath(base, view)
     named = [
         str(base / "a.txt"),
-        f"../{overlay.STATE_DIR}/{base.name}/a.txt",
+        f"{up}/a.txt",
         f"/proc/self/root{base}/a.txt",
         f"/proc/{os.getpid()}/root{base}/a.txt",
-        f"{view}/../{overlay.STATE_DIR}/{base.name}/a.txt",
+        f"{view}/{up}/a.txt",
     ]
     for path in named:
         with pytest.raises(ToolError, match="outside the repository"):
@@ -148,7 +159,7 @@ def test_flows_own_file_tools_cannot_reach_the_base(make_repo: MakeRepo, tmp_pat
     # Links planted by a command: an absolute one, one up through `..`, one through /proc.
     out = asyncio.run(
         tools.run(
-            f"ln -s {base}/a.txt abs; ln -s ../{overlay.STATE_DIR}/{base.name}/keep.txt up;"
+            f"ln -s {base}/a.txt abs; ln -s {up}/keep.txt up;"
             f" ln -s /proc/self/root{base}/run.sh viaproc; ln -s abs chain;"
             f" ln {base}/a.txt hard; echo owned > {base}/a.txt;"
             f" echo owned > /proc/self/root{base}/keep.txt; echo owned > /proc/1/root{base}/a.txt"
@@ -173,10 +184,10 @@ def test_flows_own_file_tools_cannot_reach_the_base(make_repo: MakeRepo, tmp_pat
         repo.remove_worktree(path)
 
 
-def _attack_script(base: Path) -> Any:
+def _attack_script(base: Path, up: str) -> Any:
     attack = (
         f"echo owned > {base}/a.txt; echo owned > /proc/self/root{base}/a.txt;"
-        f" echo owned > ../{overlay.STATE_DIR}/{base.name}/a.txt; ln {base}/a.txt hard;"
+        f" echo owned > {up}/a.txt; ln {base}/a.txt hard;"
         f" ln -s {base}/keep.txt link && echo owned > link; ls {base}; true"
     )
 
@@ -213,8 +224,8 @@ def test_an_agent_cli_in_a_view_cannot_reach_the_base(
     with untouched(repo.root):
         view = repo.add_worktree(tmp_path / "run" / "build-1", sha, view=True)
         sibling = repo.add_worktree(tmp_path / "run" / "build-2", sha, view=True)
-        base = tmp_path / "run" / overlay.STATE_DIR / f"base-{sha}"
-        model = ScriptedModel("glm-4.7", _attack_script(base))
+        base = base_dir(repo, sha) / "tree"
+        model = ScriptedModel("glm-4.7", _attack_script(base, os.path.relpath(base, view)))
         with ChatServer(scripted_handler({"glm-4.7": model})) as server:
             door = Door(config(server.base_url), run_id="r1", ledger=Ledger(tmp_path / "l.db"))
             builder = make_builder(door, "opencode", tmp_path / "cli", "b1")
@@ -271,6 +282,14 @@ def test_a_killed_flow_leaves_no_holder_and_clean_removes_what_is_left(
     assert (top / "build-1").is_dir()
     assert remove_run_worktrees(repo, "run-1") == 1
     assert not top.exists()
+    # The base outlives the run (the next run of this commit shares it) until nobody holds
+    # it: then `flow clean` removes it.
+    base = base_dir(repo, repo.resolve("HEAD"))
+    found = clean.find(repo, older_than_s=0)
+    assert base in [f.path for f in found.removable], found
+    for item in found.removable:
+        clean.remove(item)
+    assert not base.exists()
 
 
 def test_copy_mode_makes_full_checkouts_and_says_so(
@@ -311,3 +330,56 @@ def test_a_run_commits_the_same_tree_over_views_and_over_copies(
         assert len(said) == (1 if mode == "copy" else 0), notices
         assert overlay._views == {}  # every view (and its holder) ended with the run
     assert trees["overlay"] == trees["copy"]
+
+
+def test_a_view_refuses_the_repository_and_a_directory_not_flows(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    from orchestrator.errors import WorkspaceError
+
+    repo, sha = _repo(make_repo)
+    with untouched(repo.root):
+        for path in (repo.root / "wt", repo.root, repo.root.parent):
+            with pytest.raises(WorkspaceError, match="must lie outside"):
+                repo.add_worktree(path, sha, view=True)
+        other = tmp_path / "run" / "not-ours"
+        other.mkdir(parents=True)
+        (other / "keep.txt").write_text("keep\n")
+        with pytest.raises(WorkspaceError, match="not a checkout of flow's"):
+            repo.add_worktree(other, sha, view=True)
+        assert (other / "keep.txt").read_text() == "keep\n"
+        # A view made again (a resumed builder) starts from the base, its old upper gone.
+        path = repo.add_worktree(tmp_path / "run" / "build-1", sha, view=True)
+        (overlay.host(path) / "junk.txt").write_text("from an interrupted attempt\n")
+        assert repo.add_worktree(path, sha, view=True) == path
+        _assert_is_base(repo, sha, path)
+        repo.remove_worktree(path)
+
+
+def test_a_new_base_reclaims_the_bases_no_process_holds(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    import threading
+
+    repo, old = _repo(make_repo)
+    made = subprocess.run(
+        [sys.executable, "-c", _HOLD, str(repo.root), str(tmp_path / "r1" / "build-1")],
+        input=b"",
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert made.returncode == 0, made.stderr
+    assert (base_dir(repo, old) / "done").is_file()  # kept when its run ended
+    (repo.root / "b.txt").write_text("next commit\n")
+    git(repo.root, "add", "-A")
+    git(repo.root, "commit", "-qm", "next")
+    new = repo.resolve("HEAD")
+    path = repo.add_worktree(tmp_path / "r2" / "build-1", new, view=True)
+    for thread in threading.enumerate():
+        if thread.name == "flow-reclaim":
+            thread.join()
+    assert sorted(p.name for p in base_dir(repo, new).parent.iterdir() if p.is_dir()) == [new]
+    _assert_is_base(repo, new, path)
+    # A base this process holds is never reclaimed by another base's making.
+    repo.remove_worktree(path)
+    assert (base_dir(repo, new) / "done").is_file()
