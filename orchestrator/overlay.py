@@ -1,12 +1,14 @@
 """Checkouts as overlays: one read-only base per run, each candidate's view costs its changes.
 
-The base commit is checked out once per run (and base commit) under the run's checkout
-directory. A candidate's checkout is an overlayfs over it, mounted inside an unprivileged
-user + mount namespace that a small "holder" process keeps alive: `unshare` running a shell
-that mounts the overlay, binds the base read-only over itself, then blocks reading a pipe from
-flow. When flow exits, however it exits (kill -9 included), the pipe closes, the holder ends,
-and the namespace and its mounts go with it; only directories are left, which the run's clean
-up (or `flow clean`) removes.
+A base commit is checked out once per repository (`workspace.base_dir`, in flow's cache) and
+kept for the next run on the same commit; a process using it holds a shared lock on it (`hold`)
+so that no other process deletes it. A candidate's checkout is an overlayfs over it, mounted
+inside an unprivileged user + mount namespace that a small "holder" process keeps alive:
+`unshare` running a shell that mounts the overlay, binds the base read-only over itself, then
+blocks reading a pipe from flow. When flow exits, however it exits (kill -9 included), the pipe
+closes, the holder ends, and the namespace and its mounts go with it; only directories are
+left (upper directories under the run's checkouts, which the run's clean up or `flow clean`
+removes).
 
 The checkout keeps its name `P` (an empty directory on the host): inside the holder's
 namespace the overlay is mounted on `P`. Programs (git, builder commands, agent CLIs, checks)
@@ -74,6 +76,7 @@ class View:
 
 _views: dict[Path, View] = {}
 _held: dict[Path, int] = {}
+_closed: set[Path] = set()
 _probed: list[str | None] = []
 _probe_lock = threading.Lock()
 _lock = threading.Lock()
@@ -267,7 +270,12 @@ def mount(base: Path, name: Path) -> View:
     name.mkdir(parents=True, exist_ok=True)
     view = _mount(base, state_dir(name) / f"up-{name.name}", name)
     with _lock:
-        _views[name] = view
+        ended = any(name.is_relative_to(top) for top in _closed)
+        if not ended:
+            _views[name] = view
+    if ended:  # made in a thread that outlived its run's clean-up: nothing may be left
+        _stop(view)
+        raise OSError(f"{name}: its run has ended; its checkouts are removed")
     return view
 
 
@@ -307,6 +315,13 @@ def unmount(name: Path) -> bool:
         return False
     _stop(view)
     return True
+
+
+def close_under(top: Path) -> None:
+    """The run whose checkouts lie under `top` ends: end its views, and refuse new ones."""
+    with _lock:
+        _closed.add(Path(os.path.realpath(top)))
+    unmount_under(top)
 
 
 def unmount_under(top: Path) -> None:

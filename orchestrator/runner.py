@@ -354,6 +354,7 @@ async def _run(
         try:
             if shared.executor is not None:
                 await shared.executor.close_run(run_id)
+            overlay.close_under(worktree_dir(repo, run_id))
             if not options.keep_worktrees:
                 await _remove_checkouts(repo, run_id)
         finally:

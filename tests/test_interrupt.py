@@ -96,7 +96,8 @@ def test_interrupt_then_resume(tmp_path: Path, sig: signal.Signals) -> None:
     assert proc.returncode == 130, err
     assert f"flow resume {run_id}" in err and "Traceback" not in err
     assert not pid_alive(child)  # the builder's command died with the run
-    assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))  # no checkouts left
+    # No checkouts left (the base checkouts overlay views share are kept for the next run).
+    assert [p for p in (tmp_path / "cache" / "worktrees").rglob("*") if p.is_file()] == []
     assert repo_state(demo.repo) == before  # no branch, nothing touched
     db = sqlite3.connect(demo.repo / ".flow" / "ledger.sqlite")
     paid_before = db.execute("SELECT COUNT(*) FROM calls WHERE outcome='ok'").fetchone()[0]
