@@ -191,25 +191,26 @@ def base_lock(base: Path) -> threading.Lock:
 
 
 def hold(lock: Path, ready: Callable[[], bool], make: Callable[[], None]) -> None:
-    """Make what `lock` guards unless `ready()` (under an exclusive lock: one process makes
-    it), then keep it in use (a shared lock) until this process ends, however it ends.
-    `in_use` is how `flow clean` and other runs tell; the lock file itself is never deleted."""
+    """Keep what `lock` guards in use (a shared lock on it) until this process ends, however
+    it ends, making it first unless `ready()`; one process makes it at a time (an exclusive
+    lock on a second file, `<lock>.make`, held only meanwhile). `in_use` is how `flow clean`
+    and other runs tell; the lock files are never deleted."""
     with _lock:
         if lock in _held:
             return
     lock.parent.mkdir(parents=True, exist_ok=True)
+    making = os.open(f"{lock}.make", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        while True:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if not ready():
-                make()
-            fcntl.flock(fd, fcntl.LOCK_SH)  # not atomic: another process may clean between
-            if ready():
-                break
+        fcntl.flock(making, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # before making: nobody reclaims it meanwhile
+        if not ready():
+            make()
     except BaseException:
         os.close(fd)
         raise
+    finally:
+        os.close(making)
     with _lock:
         _held[lock] = fd
 

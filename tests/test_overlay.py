@@ -131,7 +131,8 @@ def test_a_view_round_trips_every_kind_of_change_like_a_plain_checkout(
         made = (base / "a.txt").stat().st_ino
         other = repo.add_worktree(tmp_path / "run2" / "build-1", sha, view=True)
         assert (base / "a.txt").stat().st_ino == made
-        assert sorted(p.name for p in base_dir(repo, sha).parent.iterdir()) == [sha, f"{sha}.lock"]
+        names = sorted(p.name for p in base_dir(repo, sha).parent.iterdir())
+        assert names == [sha, f"{sha}.lock", f"{sha}.lock.make"]
         repo.remove_worktree(other)
         for path in (plain, sibling, tmp_path / "run" / "check-1"):
             repo.remove_worktree(path)
@@ -271,6 +272,18 @@ def test_a_killed_flow_leaves_no_holder_and_clean_removes_what_is_left(
     holder = int(flow.stdout.readline())
     pidfd = os.pidfd_open(holder)
     assert overlay.STATE_DIR in os.listdir(top)
+    # Another flow on the same base while this one holds it: shared, not waited for.
+    other = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(repo.root), str(top.with_name("run-2") / "b")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert other.stdout is not None
+    assert select.select([other.stdout], [], [], 60)[0], "the second flow waited for the first"
+    assert int(other.stdout.readline()) > 0
+    other.kill()
+    other.wait()
     flow.kill()
     flow.wait()
     assert select.select([pidfd], [], [], 30)[0], "the holder outlived flow"
